@@ -1,0 +1,292 @@
+"""``ContinuumConnector``: TTL pins across tool calls, as a scheduler-side vLLM KV connector.
+
+It moves no KV. It only holds extra references on a finished turn's blocks (see
+``continuum_tiered.pins``) so the program's next turn gets a prefix hit, and gives them
+back when the next turn is allocated, when the TTL expires, or when memory is needed:
+
+- ``request_finished``: ask the retention policy for a TTL and pin the turn's full blocks.
+- ``get_num_new_matched_tokens``: before a waiting request is allocated, release other
+  programs' pins until its prompt fits, so a pin never blocks admission.
+- ``has_pending_block_frees``: when a running request cannot grow, release pins instead
+  of letting vLLM preempt a running request.
+- ``update_state_after_alloc``: the next turn holds its own references; drop the pin.
+- ``build_connector_meta`` (once per step): expire pins past their deadline.
+
+Every hook runs on the scheduler thread; the worker-side half is a no-op.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+from vllm.v1.request import RequestStatus
+
+from continuum_tiered.connectors.config import ConnectorOptions
+from continuum_tiered.connectors.reply_tools import ReplyToolParser
+from continuum_tiered.connectors.stats import ContinuumPromMetrics, ContinuumStats
+from continuum_tiered.hints import HintError, ProgramHints, parse_hints
+from continuum_tiered.pins import Pin, PinTable, ReleaseReason
+from continuum_tiered.policies.base import TurnEnd
+from continuum_tiered.programs import ProgramTable
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+# Turns that ended normally; aborted, errored or ignored requests are never pinned.
+_PINNABLE = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED})
+
+
+@dataclass
+class ContinuumConnectorMetadata(KVConnectorMetadata):
+    """Nothing crosses to the workers: pins live in the scheduler's block pool."""
+
+
+class ContinuumConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.clock: Callable[[], float] = time.time
+        if role != KVConnectorRole.SCHEDULER:
+            return
+        self.options = ConnectorOptions.from_vllm_config(vllm_config)
+        self.policy = self.options.make_policy()
+        self.block_size = vllm_config.cache_config.block_size
+        self.programs = ProgramTable()
+        self._pins: PinTable | None = None
+        self._tool_parser = ReplyToolParser(vllm_config.model_config)
+        self._hints: dict[str, ProgramHints] = {}  # live requests that carry hints
+        self._unallocated: dict[str, str] = {}  # request id -> program id, not yet admitted
+        self._waiting_per_program: dict[str, int] = {}
+        self._tool_ttls: dict[str, float] = {}
+        self._counters = dict.fromkeys(
+            ("pinned_prefix_hit_tokens", "hints_rejected", "pin_handovers"), 0
+        )
+        self._reported: dict[str, int] = {}
+        logger.info(
+            "ContinuumConnector: policy=%s, profile=%s", self.policy.name, self.options.profile
+        )
+
+    # ------------------------------------------------------------------ binding
+
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        self._block_pool = gpu_block_pool
+        self._pins = PinTable(gpu_block_pool)
+
+    @property
+    def pins(self) -> PinTable:
+        if self._pins is None:
+            raise RuntimeError("ContinuumConnector used before the block pool was bound")
+        return self._pins
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------- request flow
+
+    def on_new_request(self, request: Request) -> None:
+        hints = self._hints_of(request)
+        if hints is None:
+            return
+        now = request.arrival_time
+        program = self.programs.get(hints.program_id)
+        if program is not None and program.last_finish_s is not None:
+            self.policy.observe_tool_duration(program.last_tool, now - program.last_finish_s)
+        self.programs.arrive(hints.program_id, now)
+        self._hints[request.request_id] = hints
+        self._unallocated[request.request_id] = hints.program_id
+        self._count_waiting(hints.program_id, +1)
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        hints = self._hints.get(request.request_id)
+        own = self.pins.get(hints.program_id) if hints else None
+        needed = -(-request.num_tokens // self.block_size) - (own.num_blocks if own else 0)
+        if self._block_pool.get_num_free_blocks() < needed:
+            self.pins.release_for(needed, spare=own.program_id if own else None)
+        return 0, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        program_id = self._unallocated.pop(request.request_id, None)
+        if program_id is None:
+            return
+        self._count_waiting(program_id, -1)
+        pin = self.pins.release(program_id, ReleaseReason.HANDED_OVER)
+        if pin is not None:
+            held = {id(block) for block in blocks.blocks[0]}
+            hits = sum(1 for block in pin.blocks if id(block) in held)
+            self._counters["pinned_prefix_hit_tokens"] += hits * self.block_size
+            self._counters["pin_handovers"] += 1
+        elif self._hints[request.request_id].turn > 0:
+            # A returning turn whose KV was not pinned: its wait is the eviction cost T_q.
+            self.policy.observe_queue_delay(max(0.0, self.clock() - request.arrival_time))
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        hints = self._hints.pop(request.request_id, None)
+        if hints is None:
+            return False, None
+        if self._unallocated.pop(request.request_id, None) is not None:
+            self._count_waiting(hints.program_id, -1)
+        now = self.clock()
+        if request.status not in _PINNABLE:
+            return False, None
+        if hints.last_turn:
+            self._end_program(hints.program_id)
+            return False, None
+        tool = hints.tool or self._tool_parser.tool_of(request)
+        decision = self.policy.decide(
+            TurnEnd(
+                program_id=hints.program_id,
+                tool=tool,
+                context_tokens=request.num_tokens,
+                last_turn=False,
+                now_s=now,
+            )
+        )
+        self._tool_ttls[tool or "*"] = decision.ttl_s
+        blocks = self._full_cached_blocks(block_ids, request.num_computed_tokens)
+        pinned = decision.ttl_s > 0 and bool(blocks)
+        program = self.programs.turn_finished(
+            hints.program_id, now, tool, request.num_tokens, pinned=pinned
+        )
+        if pinned:
+            self.pins.pin(
+                Pin(
+                    program_id=hints.program_id,
+                    program_seq=program.seq,
+                    blocks=blocks,
+                    pinned_at_s=now,
+                    deadline_s=now + decision.ttl_s,
+                    tool=tool,
+                    context_tokens=request.num_tokens,
+                )
+            )
+        else:
+            self.pins.release(hints.program_id, ReleaseReason.REPLACED)
+        return False, None
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        for pin in self.pins.expire(self.clock(), self._has_waiting_request):
+            self.programs.mark_evicted(pin.program_id)
+        return ContinuumConnectorMetadata()
+
+    def has_pending_block_frees(self) -> bool:
+        """A running request cannot grow: free pins rather than preempt a running request."""
+        return bool(self.pins.release_for(self.options.pressure_reserve_blocks))
+
+    def shutdown(self) -> None:
+        if self._role == KVConnectorRole.SCHEDULER and self._pins is not None:
+            self._pins.release_all(ReleaseReason.SHUTDOWN)
+
+    # ------------------------------------------------------------------- stats
+
+    def get_kv_connector_stats(self) -> ContinuumStats | None:
+        if self._role != KVConnectorRole.SCHEDULER or self._pins is None:
+            return None
+        totals = {
+            **self._counters,
+            "pins_created": self.pins.pins_created,
+            "pin_expirations": self.pins.releases[ReleaseReason.EXPIRED],
+            "pin_releases_pressure": self.pins.releases[ReleaseReason.PRESSURE],
+        }
+        deltas = {k: v - self._reported.get(k, 0) for k, v in totals.items()}
+        self._reported = totals
+        data: dict[str, Any] = {k: v for k, v in deltas.items() if v}
+        data["active_pins"] = len(self.pins)
+        data["pinned_blocks"] = self.pins.num_pinned_blocks
+        if self._tool_ttls:
+            data["tool_ttl_s"] = self._tool_ttls
+            self._tool_ttls = {}
+        return ContinuumStats(data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> ContinuumStats:
+        return ContinuumStats(dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> ContinuumPromMetrics:
+        return ContinuumPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # --------------------------------------------------------------- internals
+
+    def _hints_of(self, request: Request) -> ProgramHints | None:
+        """Hints of a request; malformed ones are logged and ignored, never raised."""
+        try:
+            return parse_hints(request.kv_transfer_params)
+        except HintError as err:
+            self._counters["hints_rejected"] += 1
+            logger.warning("request %s: ignoring its hints: %s", request.request_id, err)
+            return None
+
+    def _count_waiting(self, program_id: str, delta: int) -> None:
+        count = self._waiting_per_program.get(program_id, 0) + delta
+        if count > 0:
+            self._waiting_per_program[program_id] = count
+        else:
+            self._waiting_per_program.pop(program_id, None)
+
+    def _has_waiting_request(self, program_id: str) -> bool:
+        return self._waiting_per_program.get(program_id, 0) > 0
+
+    def _full_cached_blocks(self, block_ids: list[int], num_computed_tokens: int) -> list[Any]:
+        """The turn's full, hashed blocks, up to the first one that is not (a hole would
+        make the rest unreachable by a prefix lookup). The null block is never pinned."""
+        blocks = []
+        for block_id in block_ids[: num_computed_tokens // self.block_size]:
+            block = self._block_pool.blocks[block_id]
+            if block.is_null or block.block_hash is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _end_program(self, program_id: str) -> None:
+        self.pins.release(program_id, ReleaseReason.PROGRAM_ENDED)
+        program = self.programs.end(program_id)
+        if program is not None:
+            self.policy.observe_program_finished(program.turns_served + 1)
+
+    # ------------------------------------------------- worker side: nothing to move
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        return
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any):
+        return
+
+    def wait_for_save(self) -> None:
+        return

@@ -1,0 +1,189 @@
+"""Drive vLLM's real ``Scheduler`` and ``BlockPool`` without a model.
+
+The engine core's loop is ``schedule()`` then ``update_from_output()``; here the model's
+forward pass is replaced by a caller-supplied token per scheduled request (DESIGN.md
+section 3). Everything else, including the KV connector, is vLLM's own code, so the
+scheduling and memory decisions are the ones a real deployment would make.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.config import KVTransferConfig, VllmConfig
+from vllm.engine.arg_utils import EngineArgs
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import get_hash_fn_by_name
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+)
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from continuum_tiered.plugin import register
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    model_dir: Path
+    num_blocks: int
+    block_size: int = 32
+    max_model_len: int = 8192
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    scheduling_policy: str = "fcfs"  # "priority" for program-level FCFS
+    kv_transfer_config: dict[str, Any] | None = None
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def build_vllm_config(cfg: DriverConfig) -> VllmConfig:
+    register()
+    kv_transfer = KVTransferConfig(**cfg.kv_transfer_config) if cfg.kv_transfer_config else None
+    args = EngineArgs(
+        model=str(cfg.model_dir),
+        skip_tokenizer_init=True,
+        load_format="dummy",
+        block_size=cfg.block_size,
+        max_model_len=cfg.max_model_len,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_num_seqs=cfg.max_num_seqs,
+        num_gpu_blocks_override=cfg.num_blocks,
+        enable_prefix_caching=True,
+        scheduling_policy=cfg.scheduling_policy,
+        kv_transfer_config=kv_transfer,
+        **cfg.engine_overrides,
+    )
+    return args.create_engine_config()
+
+
+def _kv_cache_config(vllm_config: VllmConfig, num_blocks: int, block_size: int) -> KVCacheConfig:
+    hf = json.loads((Path(vllm_config.model_config.model) / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    spec = FullAttentionSpec(
+        block_size=block_size,
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_size=head_dim,
+        dtype=torch.bfloat16,
+    )
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(hf["num_hidden_layers"])]
+    page = spec.page_size_bytes
+    return KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[
+            KVCacheTensor(
+                size=page * num_blocks * len(layers),
+                layers=layers,
+                layer_stride=page * num_blocks,
+                block_stride=page,
+            )
+        ],
+        kv_cache_groups=[KVCacheGroupSpec(layers, spec)],
+    )
+
+
+class SchedulerDriver:
+    """A vLLM scheduler with a fake forward pass. Not thread-safe, like the real one."""
+
+    def __init__(self, cfg: DriverConfig, vllm_config: VllmConfig | None = None):
+        """``vllm_config`` reuses one built by ``build_vllm_config(cfg)`` (it takes seconds)."""
+        self.cfg = cfg
+        self.vllm_config = vllm_config or build_vllm_config(cfg)
+        # The engine core sets this after profiling memory; here the caller chooses it.
+        self.vllm_config.cache_config.num_gpu_blocks = cfg.num_blocks
+        self.scheduler = Scheduler(
+            vllm_config=self.vllm_config,
+            kv_cache_config=_kv_cache_config(self.vllm_config, cfg.num_blocks, cfg.block_size),
+            structured_output_manager=StructuredOutputManager(self.vllm_config),
+            block_size=cfg.block_size,
+            hash_block_size=cfg.block_size,
+            log_stats=True,
+        )
+        hash_fn = get_hash_fn_by_name(self.vllm_config.cache_config.prefix_caching_hash_algo)
+        init_none_hash(hash_fn)
+        self._block_hasher = get_request_block_hasher(cfg.block_size, hash_fn)
+
+    @property
+    def block_pool(self) -> Any:
+        return self.scheduler.kv_cache_manager.block_pool
+
+    @property
+    def connector(self) -> Any:
+        return self.scheduler.connector
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        arrival_time: float,
+        priority: int = 0,
+        kv_transfer_params: dict[str, Any] | None = None,
+    ) -> Request:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        if kv_transfer_params is not None:
+            params.extra_args = {"kv_transfer_params": kv_transfer_params}
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            pooling_params=None,
+            arrival_time=arrival_time,
+            priority=priority,
+            block_hasher=self._block_hasher,
+        )
+        self.scheduler.add_request(request)
+        return request
+
+    def step(self, next_token: Callable[[Request], int] = lambda _r: 7) -> StepResult:
+        """One engine step: schedule, then feed back one token per request that
+        finished its prompt this step (decode or last prefill chunk)."""
+        out = self.scheduler.schedule()
+        req_ids = list(out.num_scheduled_tokens)
+        sampled: list[list[int]] = []
+        for rid in req_ids:
+            # schedule() has already advanced num_computed_tokens by this step's tokens.
+            request = self.scheduler.requests[rid]
+            done_prompt = request.num_computed_tokens >= request.num_tokens
+            sampled.append([next_token(request)] if done_prompt else [])
+        runner_out = ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+            sampled_token_ids=sampled,
+        )
+        engine_outputs = self.scheduler.update_from_output(out, runner_out)
+        return StepResult(out, engine_outputs)
+
+
+@dataclass
+class StepResult:
+    scheduler_output: SchedulerOutput
+    engine_outputs: dict[int, EngineCoreOutputs]
+
+    def prefix_hit_tokens(self, request_id: str) -> int | None:
+        """Tokens found cached when ``request_id`` was admitted in this step, else None."""
+        for new in self.scheduler_output.scheduled_new_reqs:
+            if new.req_id == request_id:
+                return new.num_computed_tokens
+        return None
+
+    @property
+    def finished_request_ids(self) -> list[str]:
+        return [
+            o.request_id
+            for outs in self.engine_outputs.values()
+            for o in outs.outputs
+            if o.finish_reason is not None
+        ]
