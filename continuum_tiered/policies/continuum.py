@@ -1,0 +1,58 @@
+"""Continuum's cost-model TTL (DESIGN.md section 2), with tiers in ReloadOrPrefill."""
+
+from __future__ import annotations
+
+from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
+from continuum_tiered.profile import TierProfile
+from continuum_tiered.tool_durations import ToolDurationModel
+from continuum_tiered.ttl import (
+    EtaEstimator,
+    SlidingMean,
+    TTLDecision,
+    best_ttl,
+    cold_start_ttl,
+)
+
+
+class ContinuumPolicy(RetentionPolicy):
+    """tau* = argmax P(tau, tool) * (T_q * eta + ReloadOrPrefill) - tau."""
+
+    name = "continuum"
+
+    def __init__(
+        self,
+        profile: TierProfile,
+        min_samples: int = 100,
+        duration_window: int = 1024,
+        max_tools: int = 256,
+        queue_window: int = 64,
+        eta_min_programs: int = 10,
+        eta_window: int = 1000,
+    ) -> None:
+        self.profile = profile
+        self.tool_durations = ToolDurationModel(min_samples, duration_window, max_tools)
+        self.queue_delay = SlidingMean(queue_window)
+        self.eta = EtaEstimator(eta_min_programs, eta_window)
+
+    def benefit_s(self, turn: TurnEnd) -> float:
+        """What keeping the KV saves if the program comes back while it is pinned."""
+        return self.queue_delay.value * self.eta.value + self.profile.reload_or_prefill(
+            turn.context_tokens, turn.tier
+        )
+
+    def decide_tool_call(self, turn: TurnEnd) -> TTLDecision:
+        benefit = self.benefit_s(turn)
+        selected = self.tool_durations.select(turn.tool)
+        if selected is None:
+            return TTLDecision(cold_start_ttl(benefit), benefit, "cold-start")
+        cdf, scope = selected
+        return TTLDecision(best_ttl(cdf, benefit), benefit, scope)
+
+    def observe_tool_duration(self, tool: str | None, duration_s: float) -> None:
+        self.tool_durations.observe(tool, duration_s)
+
+    def observe_queue_delay(self, delay_s: float) -> None:
+        self.queue_delay.add(delay_s)
+
+    def observe_program_finished(self, total_turns: int) -> None:
+        self.eta.program_finished(total_turns)

@@ -1,0 +1,361 @@
+"""The tier profile: measured (or estimated) costs that feed the TTL cost model.
+
+A profile names the model shape and device kind it was measured for, the bandwidth and
+latency of each KV tier below the GPU (CPU memory, disk), and a quadratic fit of prefill
+time against context length. It is stored as versioned JSON; loading validates every
+field and refuses a profile measured for another model shape or device kind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TypeVar
+
+PROFILE_VERSION = 1
+BUILTIN_DIR = Path(__file__).parent / "profiles"
+_DEFAULT_BY_DEVICE = {"cpu": "cpu-tiny-llama", "cuda": "h100-llama-3.1-8b"}
+_CHECK_MAX_TOKENS = 1_000_000
+_REFINEMENTS = 4  # the first round is the plain solve
+_T = TypeVar("_T")
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one token."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def shape_text(self) -> str:
+        return "layers={}, kv_heads={}, head_dim={}, dtype_bytes={}".format(*self.shape)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """What a profile depends on: the KV layout, not the name."""
+        return (self.num_layers, self.num_kv_heads, self.head_dim, self.dtype_bytes)
+
+    @classmethod
+    def from_hf_config(
+        cls, config: dict[str, object], dtype_bytes: int = 2, name: str | None = None
+    ) -> ModelShape:
+        """Read the shape from a Hugging Face ``config.json`` (its ``text_config`` if nested)."""
+        text_config = config.get("text_config")
+        if "num_hidden_layers" not in config and isinstance(text_config, dict):
+            return cls.from_hf_config(text_config, dtype_bytes, name or _config_name(config))
+
+        def get_int(key: str) -> int:
+            if config.get(key) is None:
+                raise ProfileError(f"HF config is missing {key!r}")
+            return _positive_int(config[key], f"HF config {key}")
+
+        num_heads = get_int("num_attention_heads")
+        if config.get("head_dim") is not None:
+            head_dim = get_int("head_dim")
+        else:
+            head_dim = get_int("hidden_size") // num_heads
+        kv_heads = (
+            get_int("num_key_value_heads")
+            if config.get("num_key_value_heads") is not None
+            else num_heads
+        )
+        return cls(
+            name=name or _config_name(config),
+            num_layers=get_int("num_hidden_layers"),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype_bytes=_positive_int(dtype_bytes, "dtype_bytes"),
+        )
+
+
+def _config_name(config: dict[str, object]) -> str:
+    for key in ("_name_or_path", "model_type"):
+        value = config.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+    def transfer_time(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class TierProfile:
+    version: int
+    model: ModelShape
+    device: str  # device kind: "cuda", "cpu"
+    tiers: dict[str, Tier]
+    prefill_coeffs: tuple[float, float, float]  # t(n) = c0 + c1*n + c2*n^2 seconds
+    source: str  # how the numbers were obtained
+
+    def prefill_time(self, n_tokens: int) -> float:
+        if n_tokens <= 0:
+            return 0.0
+        c0, c1, c2 = self.prefill_coeffs
+        return max(0.0, c0 + c1 * n_tokens + c2 * n_tokens * n_tokens)
+
+    def reload_time(self, tier_name: str, n_tokens: int) -> float:
+        tier = self.tiers.get(tier_name)
+        if tier is None:
+            known = ", ".join(sorted(self.tiers)) or "none"
+            raise ProfileError(f"unknown tier {tier_name!r}; this profile has: {known}")
+        return tier.transfer_time(n_tokens * self.model.kv_bytes_per_token)
+
+    def reload_or_prefill(self, n_tokens: int, tier: str | None) -> float:
+        """Cost of getting the KV back: the cheaper of reloading from ``tier`` and prefill."""
+        prefill = self.prefill_time(n_tokens)
+        return prefill if tier is None else min(self.reload_time(tier, n_tokens), prefill)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "model": asdict(self.model),
+            "device": self.device,
+            "tiers": {
+                name: {"bandwidth_bytes_per_s": t.bandwidth_bytes_per_s, "latency_s": t.latency_s}
+                for name, t in self.tiers.items()
+            },
+            "prefill_coeffs": list(self.prefill_coeffs),
+            "source": self.source,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(
+        cls,
+        d: object,
+        expect_model: ModelShape | None = None,
+        expect_device: str | None = None,
+    ) -> TierProfile:
+        """Build a profile from parsed JSON; ProfileError names the first bad field's path.
+
+        With ``expect_model`` / ``expect_device``, also refuse a profile measured for
+        another model shape or device kind.
+        """
+        profile = cls._parse(d)
+        profile._check_target("profile", expect_model, expect_device)
+        return profile
+
+    @classmethod
+    def _parse(cls, d: object) -> TierProfile:
+        root = _object(d, "$")
+        version = _get(root, "$", "version", _positive_int)
+        if version != PROFILE_VERSION:
+            raise ProfileError(
+                f"$.version: got {version!r}, this code reads version {PROFILE_VERSION}"
+            )
+        m = _get(root, "$", "model", _object)
+        model = ModelShape(
+            name=_get(m, "$.model", "name", _string),
+            **{
+                key: _get(m, "$.model", key, _positive_int)
+                for key in ("num_layers", "num_kv_heads", "head_dim", "dtype_bytes")
+            },
+        )
+        tiers = {}
+        for name, raw in _get(root, "$", "tiers", _object).items():
+            t = _object(raw, f"$.tiers.{name}")
+            bandwidth = _get(t, f"$.tiers.{name}", "bandwidth_bytes_per_s", _number)
+            latency = _get(t, f"$.tiers.{name}", "latency_s", _number)
+            if bandwidth <= 0:
+                raise ProfileError(
+                    f"$.tiers.{name}.bandwidth_bytes_per_s: must be > 0, got {bandwidth}"
+                )
+            if latency < 0:
+                raise ProfileError(f"$.tiers.{name}.latency_s: must be >= 0, got {latency}")
+            tiers[name] = Tier(name, bandwidth, latency)
+        raw_coeffs = _get(root, "$", "prefill_coeffs", _list)
+        if len(raw_coeffs) != 3:
+            raise ProfileError(f"$.prefill_coeffs: got {raw_coeffs!r}, expected [c0, c1, c2]")
+        c0, c1, c2 = (_number(c, f"$.prefill_coeffs[{i}]") for i, c in enumerate(raw_coeffs))
+        _check_prefill_nonnegative(c0, c1, c2)
+        return cls(
+            version=version,
+            model=model,
+            device=_get(root, "$", "device", _string),
+            tiers=tiers,
+            prefill_coeffs=(c0, c1, c2),
+            source=_get(root, "$", "source", _string),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        expect_model: ModelShape | None = None,
+        expect_device: str | None = None,
+    ) -> TierProfile:
+        """Read and validate a profile file; refuse one measured for another model or device."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc}") from exc
+        try:
+            profile = cls._parse(data)
+        except ProfileError as exc:
+            raise ProfileError(f"profile {path}: {exc}") from exc
+        profile._check_target(f"profile {path}", expect_model, expect_device)
+        return profile
+
+    def _check_target(
+        self, label: str, expect_model: ModelShape | None, expect_device: str | None
+    ) -> None:
+        if expect_model is not None and self.model.shape != expect_model.shape:
+            raise ProfileError(
+                f"{label} was measured for model {self.model.name} "
+                f"(shape {self.model.shape_text()}) but the server runs "
+                f"{expect_model.name} (shape {expect_model.shape_text()})"
+            )
+        if expect_device is not None and self.device != expect_device:
+            raise ProfileError(
+                f"{label} was measured on device {self.device!r} "
+                f"but the server runs on {expect_device!r}"
+            )
+
+
+def _get(obj: dict[str, object], path: str, key: str, check: Callable[[object, str], _T]) -> _T:
+    """``obj[key]`` validated by ``check``; errors name the field's JSON path."""
+    if key not in obj:
+        raise ProfileError(f"{path}.{key}: missing")
+    return check(obj[key], f"{path}.{key}")
+
+
+def _object(value: object, path: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise ProfileError(f"{path}: got {value!r}, expected an object")
+    return value
+
+
+def _list(value: object, path: str) -> list[object]:
+    if not isinstance(value, list):
+        raise ProfileError(f"{path}: got {value!r}, expected a list")
+    return value
+
+
+def _string(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProfileError(f"{path}: got {value!r}, expected a non-empty string")
+    return value
+
+
+def _positive_int(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ProfileError(f"{path}: got {value!r}, expected a positive integer")
+    return value
+
+
+def _number(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProfileError(f"{path}: got {value!r}, expected a finite number")
+    return float(value)
+
+
+def _check_prefill_nonnegative(c0: float, c1: float, c2: float) -> None:
+    """t(n) must not be negative on [1, 1e6]: check both ends and the vertex."""
+    points = [1.0, float(_CHECK_MAX_TOKENS)]
+    if c2 > 0 and 1 < -c1 / (2 * c2) < _CHECK_MAX_TOKENS:
+        points.append(-c1 / (2 * c2))
+    for n in points:
+        if c0 + c1 * n + c2 * n * n < 0:
+            raise ProfileError(
+                f"$.prefill_coeffs: t(n) = {c0} + {c1}*n + {c2}*n^2 is negative at n = {n:.0f}"
+            )
+
+
+def fit_quadratic(ns: Sequence[float], ts: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares (c0, c1, c2) of t = c0 + c1*n + c2*n^2.
+
+    Solves the normal equations in pure Python, with n divided by its largest magnitude,
+    then refines the solution on its residuals: the normal equations square the
+    conditioning, and contexts clustered at one end of the range would otherwise lose
+    the fit at the other end.
+    """
+    if len(ns) != len(ts):
+        raise ProfileError(f"got {len(ns)} lengths but {len(ts)} times")
+    if len(set(ns)) < 3:
+        raise ProfileError("a quadratic fit needs at least 3 distinct context lengths")
+    scale = max(abs(n) for n in ns)
+    xs = [n / scale for n in ns]
+    power_sums = [math.fsum(x**k for x in xs) for k in range(5)]
+    matrix = [[power_sums[i + j] for j in range(3)] for i in range(3)]
+    coeffs = [0.0, 0.0, 0.0]
+    for _ in range(_REFINEMENTS):
+        residuals = [
+            math.fsum((t, -coeffs[0], -coeffs[1] * x, -coeffs[2] * x * x))
+            for x, t in zip(xs, ts, strict=True)
+        ]
+        rhs = [math.fsum(r * x**i for x, r in zip(xs, residuals, strict=True)) for i in range(3)]
+        coeffs = [c + d for c, d in zip(coeffs, _solve3(matrix, rhs), strict=True)]
+    b0, b1, b2 = coeffs
+    return b0, b1 / scale, b2 / (scale * scale)
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting on a 3x3 system."""
+    rows = [[*a[i], b[i]] for i in range(3)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(rows[r][col]))
+        if rows[pivot][col] == 0:
+            raise ProfileError("singular system in quadratic fit")
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, 3):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [v - factor * p for v, p in zip(rows[r], rows[col], strict=True)]
+    solution = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        known = sum(rows[r][c] * solution[c] for c in range(r + 1, 3))
+        solution[r] = (rows[r][3] - known) / rows[r][r]
+    return solution
+
+
+def builtin_profile_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
+
+
+def load_named_profile(
+    name_or_path: str,
+    expect_model: ModelShape | None = None,
+    expect_device: str | None = None,
+) -> TierProfile:
+    """Load a built-in profile by name (file stem under ``profiles/``) or a profile file."""
+    builtin = BUILTIN_DIR / f"{name_or_path}.json"
+    if "/" not in name_or_path and builtin.is_file():
+        return TierProfile.load(builtin, expect_model, expect_device)
+    if Path(name_or_path).is_file():
+        return TierProfile.load(name_or_path, expect_model, expect_device)
+    raise ProfileError(
+        f"no built-in profile named {name_or_path!r} and no such file; "
+        f"built-in profiles: {', '.join(builtin_profile_names())}"
+    )
+
+
+def default_profile(device: str = "cpu") -> TierProfile:
+    """The built-in profile for a device kind (roofline estimates until measured)."""
+    name = _DEFAULT_BY_DEVICE.get(device)
+    if name is None:
+        raise ProfileError(
+            f"no default profile for device {device!r}; known: {', '.join(_DEFAULT_BY_DEVICE)}"
+        )
+    return load_named_profile(name)

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+
+from continuum_tiered.policies import (
+    POLICIES,
+    ContinuumPolicy,
+    NoRetentionPolicy,
+    RetentionPolicy,
+    StaticTTLPolicy,
+    TurnEnd,
+    make_policy,
+)
+from continuum_tiered.profile import PROFILE_VERSION, ModelShape, Tier, TierProfile
+from continuum_tiered.ttl import TTLDecision
+
+# 1000 bytes per token; prefill 1 ms per token; CPU reload 0.1 ms per token.
+PROFILE = TierProfile(
+    version=PROFILE_VERSION,
+    model=ModelShape("m", num_layers=1, num_kv_heads=1, head_dim=250, dtype_bytes=2),
+    device="cpu",
+    tiers={"cpu": Tier("cpu", bandwidth_bytes_per_s=1e7, latency_s=0.0)},
+    prefill_coeffs=(0.0, 1e-3, 0.0),
+    source="unit test",
+)
+
+
+def _turn(tool: str | None = "ls", tokens: int = 3000, tier: str | None = None, last: bool = False):
+    return TurnEnd("p", tool, tokens, last_turn=last, now_s=0.0, tier=tier)
+
+
+def test_registry() -> None:
+    assert set(POLICIES) == {"continuum", "static-ttl", "none"}
+    assert all(cls.name == name for name, cls in POLICIES.items())
+
+
+@pytest.mark.parametrize("name", ["continuum", "static-ttl", "none"])
+def test_last_turn_is_never_pinned(name: str) -> None:
+    policy = make_policy(name, PROFILE)
+    assert policy.decide(_turn(last=True)) == TTLDecision(0.0, 0.0, "last-turn")
+
+
+def test_static_policies() -> None:
+    assert make_policy("static-ttl", PROFILE).decide(_turn()) == TTLDecision(2.0, 0.0, "static")
+    assert StaticTTLPolicy(ttl_s=0.5).decide(_turn()).ttl_s == 0.5
+    assert NoRetentionPolicy().decide(_turn()) == TTLDecision(0.0, 0.0, "static")
+    with pytest.raises(ValueError):
+        StaticTTLPolicy(ttl_s=-1.0)
+
+
+def test_continuum_cold_start_uses_exponential_optimum() -> None:
+    policy = ContinuumPolicy(PROFILE)
+    decision = policy.decide(_turn(tokens=3000))  # prefill 3 s
+    assert decision == TTLDecision(pytest.approx(math.log(3.0)), pytest.approx(3.0), "cold-start")
+    short = policy.decide(_turn(tokens=500))  # 0.5 s: pinning cannot pay under Exp(1 s)
+    assert (short.ttl_s, short.source) == (0.0, "cold-start")
+
+
+def test_continuum_benefit_uses_the_tier_and_queue_delay() -> None:
+    policy = ContinuumPolicy(PROFILE, eta_min_programs=1)
+    assert policy.decide(_turn(tokens=3000, tier="cpu")).benefit_s == pytest.approx(0.3)
+    for delay in (1.0, 3.0):
+        policy.observe_queue_delay(delay)
+    for _ in range(3):
+        policy.observe_program_finished(10)  # fixed length: eta = 1
+    assert policy.eta.value == pytest.approx(1.0)
+    assert policy.queue_delay.value == 2.0
+    assert policy.decide(_turn(tokens=3000, tier="cpu")).benefit_s == pytest.approx(2.3)
+    assert policy.decide(_turn(tokens=3000)).benefit_s == pytest.approx(5.0)
+
+
+def test_continuum_learned_distributions() -> None:
+    policy = ContinuumPolicy(PROFILE, min_samples=10)
+    for _ in range(10):
+        policy.observe_tool_duration("ls", 0.25)
+    for _ in range(5):
+        policy.observe_tool_duration("pytest", 20.0)
+
+    # ls has its own CDF: every call is back within 0.25 s.
+    assert policy.decide(_turn("ls", tokens=1000)) == TTLDecision(0.25, 1.0, "tool")
+    # pytest has 5 samples < 10: the global CDF (2/3 at 0.25 s, all by 20 s).
+    # benefit 3 s: 2/3 * 3 - 0.25 = 1.75 beats 3 - 20 and 0.
+    assert policy.decide(_turn("pytest", tokens=3000)) == TTLDecision(0.25, 3.0, "global")
+    # benefit 60 s: waiting for pytest pays, 60 - 20 = 40 > 2/3 * 60 - 0.25.
+    assert policy.decide(_turn("pytest", tokens=60_000)) == TTLDecision(20.0, 60.0, "global")
+    assert policy.decide(_turn(None, tokens=1000)).source == "global"
+    # A turn too cheap to redo is not worth pinning for even 0.25 s.
+    assert policy.decide(_turn("ls", tokens=200)).ttl_s == 0.0
+
+
+def test_continuum_exposes_its_estimators() -> None:
+    policy = ContinuumPolicy(PROFILE, min_samples=1, duration_window=4, queue_window=2)
+    for d in (1.0, 2.0, 3.0, 4.0, 5.0):
+        policy.observe_tool_duration("x", d)
+    assert policy.tool_durations.distribution("x").samples == (2.0, 3.0, 4.0, 5.0)
+    for q in (1.0, 2.0, 4.0):
+        policy.observe_queue_delay(q)
+    assert policy.queue_delay.value == 3.0
+
+
+def test_make_policy_errors() -> None:
+    with pytest.raises(ValueError, match="continuum, none, static-ttl"):
+        make_policy("lru", PROFILE)
+    with pytest.raises(ValueError, match=r"ttl\b.*valid: ttl_s"):
+        make_policy("static-ttl", PROFILE, ttl=3.0)
+    with pytest.raises(ValueError, match="valid: none"):
+        make_policy("none", PROFILE, ttl_s=1.0)
+    assert make_policy("static-ttl", PROFILE, ttl_s=3.0).decide(_turn()).ttl_s == 3.0
+    policy = make_policy("continuum", PROFILE, min_samples=5)
+    assert isinstance(policy, ContinuumPolicy)
+    assert policy.profile is PROFILE
+    assert policy.tool_durations.min_samples == 5
+
+
+def test_base_observers_are_no_ops() -> None:
+    class Fixed(RetentionPolicy):
+        name = "fixed"
+
+        def decide_tool_call(self, turn: TurnEnd) -> TTLDecision:
+            return TTLDecision(1.0, 0.0, "static")
+
+    policy = Fixed()
+    policy.observe_tool_duration("ls", 1.0)
+    policy.observe_queue_delay(1.0)
+    policy.observe_program_finished(3)
+    assert policy.decide(_turn()) == TTLDecision(1.0, 0.0, "static")

@@ -1,0 +1,246 @@
+import copy
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from continuum_tiered.profile import (
+    PROFILE_VERSION,
+    ModelShape,
+    ProfileError,
+    Tier,
+    TierProfile,
+    builtin_profile_names,
+    default_profile,
+    fit_quadratic,
+    load_named_profile,
+)
+
+LLAMA_8B = ModelShape("llama-8b", num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
+
+
+def _profile() -> TierProfile:
+    return TierProfile(
+        version=PROFILE_VERSION,
+        model=LLAMA_8B,
+        device="cuda",
+        tiers={"cpu": Tier("cpu", 25e9, 20e-6), "disk": Tier("disk", 2e9, 1e-4)},
+        prefill_coeffs=(0.01, 4e-5, 6.5e-10),
+        source="unit test",
+    )
+
+
+def test_kv_bytes_per_token() -> None:
+    assert LLAMA_8B.kv_bytes_per_token == 131072
+
+
+def test_from_hf_config() -> None:
+    config = {
+        "_name_or_path": "meta-llama/Llama-3.1-8B",
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_size": 4096,
+    }
+    shape = ModelShape.from_hf_config(config)
+    assert shape == ModelShape("meta-llama/Llama-3.1-8B", 32, 8, 128, 2)
+    mha = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128, "head_dim": 64}
+    assert ModelShape.from_hf_config(mha, dtype_bytes=4, name="tiny") == ModelShape(
+        "tiny", 2, 2, 64, 4
+    )
+    nested = {"model_type": "gemma3", "text_config": config}
+    assert ModelShape.from_hf_config(nested).num_kv_heads == 8
+
+
+@pytest.mark.parametrize("key", ["num_hidden_layers", "num_attention_heads", "hidden_size"])
+def test_from_hf_config_names_missing_key(key: str) -> None:
+    config = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128}
+    del config[key]
+    with pytest.raises(ProfileError, match=key):
+        ModelShape.from_hf_config(config)
+
+
+def test_costs() -> None:
+    profile = _profile()
+    n = 20_000
+    assert profile.prefill_time(n) == pytest.approx(0.01 + 4e-5 * n + 6.5e-10 * n * n)
+    assert profile.prefill_time(0) == 0.0
+    assert profile.reload_time("cpu", n) == pytest.approx(20e-6 + n * 131072 / 25e9)
+    assert profile.reload_or_prefill(n, None) == profile.prefill_time(n)
+    assert profile.reload_or_prefill(n, "cpu") == profile.reload_time("cpu", n)
+    slow = dataclasses.replace(profile, tiers={"nfs": Tier("nfs", 1e6, 0.0)})
+    assert slow.reload_or_prefill(n, "nfs") == slow.prefill_time(n)
+    with pytest.raises(ProfileError, match=r"'gpu'.*cpu, disk"):
+        profile.reload_time("gpu", n)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    _profile().save(path)
+    assert TierProfile.load(path) == _profile()
+    assert TierProfile.load(path, expect_model=LLAMA_8B, expect_device="cuda") == _profile()
+
+
+def _mutated(path: Path, edit: object) -> Path:
+    data = _profile().to_json()
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _set(keys: tuple[str, ...], value: object):
+    def edit(data: dict) -> None:
+        for key in keys[:-1]:
+            data = data[key]
+        data[keys[-1]] = value
+
+    return edit
+
+
+def _delete(keys: tuple[str, ...]):
+    def edit(data: dict) -> None:
+        for key in keys[:-1]:
+            data = data[key]
+        del data[keys[-1]]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set(("version",), 2), r"\$\.version"),
+        (_set(("version",), True), r"\$\.version"),
+        (_delete(("model",)), r"\$\.model: missing"),
+        (_delete(("model", "head_dim")), r"\$\.model\.head_dim: missing"),
+        (_set(("model", "num_layers"), "32"), r"\$\.model\.num_layers"),
+        (_set(("model", "num_kv_heads"), 0), r"\$\.model\.num_kv_heads"),
+        (_set(("model", "dtype_bytes"), 2.0), r"\$\.model\.dtype_bytes"),
+        (_set(("device",), ""), r"\$\.device"),
+        (_set(("tiers",), []), r"\$\.tiers"),
+        (_set(("tiers", "cpu", "bandwidth_bytes_per_s"), 0), r"cpu\.bandwidth_bytes_per_s.*> 0"),
+        (_set(("tiers", "cpu", "bandwidth_bytes_per_s"), "fast"), r"cpu\.bandwidth_bytes_per_s"),
+        (_set(("tiers", "disk", "latency_s"), -1e-6), r"disk\.latency_s.*>= 0"),
+        (_delete(("tiers", "disk", "latency_s")), r"disk\.latency_s: missing"),
+        (_set(("prefill_coeffs",), [0.0, 1e-5]), r"\$\.prefill_coeffs"),
+        (_set(("prefill_coeffs",), [0.0, 1e-5, None]), r"\$\.prefill_coeffs\[2\]"),
+        (_set(("prefill_coeffs",), [-0.1, 1e-5, 0.0]), r"negative at n = 1\b"),
+        (_set(("prefill_coeffs",), [0.0, 1e-5, -1e-10]), r"negative at n = 1000000"),
+        (_set(("prefill_coeffs",), [1.0, -2e-3, 1e-9]), r"negative at n = 1000000\b"),
+        (_set(("prefill_coeffs",), [0.2, -2e-3, 1e-8]), r"negative at n = 100000\b"),
+        (_set(("source",), 3), r"\$\.source"),
+    ],
+)
+def test_load_validation(tmp_path: Path, edit: object, message: str) -> None:
+    path = _mutated(tmp_path / "bad.json", edit)
+    with pytest.raises(ProfileError, match=message) as info:
+        TierProfile.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="cannot read"):
+        TierProfile.load(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="cannot read"):
+        TierProfile.load(tmp_path / "x.json")
+
+
+def test_wrong_model_and_device(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    _profile().save(path)
+    renamed = ModelShape("other-name", 32, 8, 128, 2)
+    assert TierProfile.load(path, expect_model=renamed).model == LLAMA_8B
+    tiny = ModelShape("tiny", 2, 1, 64, 2)
+    with pytest.raises(ProfileError) as info:
+        TierProfile.load(path, expect_model=tiny)
+    assert str(info.value) == (
+        f"profile {path} was measured for model llama-8b (shape layers=32, kv_heads=8, "
+        "head_dim=128, dtype_bytes=2) but the server runs tiny (shape layers=2, kv_heads=1, "
+        "head_dim=64, dtype_bytes=2)"
+    )
+    with pytest.raises(ProfileError, match=r"measured on device 'cuda'.*'cpu'"):
+        TierProfile.load(path, expect_device="cpu")
+    with pytest.raises(ProfileError, match=f"profile {path} was measured for model llama-8b"):
+        load_named_profile(str(path), expect_model=tiny)
+
+
+def test_from_json_checks_the_target() -> None:
+    data = _profile().to_json()
+    assert TierProfile.from_json(data, expect_model=LLAMA_8B, expect_device="cuda") == _profile()
+    with pytest.raises(ProfileError, match=r"^profile was measured for model llama-8b"):
+        TierProfile.from_json(data, expect_model=ModelShape("x", 32, 8, 128, 4))
+    with pytest.raises(ProfileError, match="server runs on 'cpu'"):
+        TierProfile.from_json(data, expect_device="cpu")
+
+
+@given(
+    c0=st.floats(0, 1),
+    c1=st.floats(1e-7, 1e-3),
+    c2=st.floats(0, 1e-8),
+    ns=st.lists(st.integers(1, 1_000_000), min_size=3, max_size=20, unique=True),
+)
+def test_fit_quadratic_reproduces_exact_points(
+    c0: float, c1: float, c2: float, ns: list[int]
+) -> None:
+    ts = [c0 + c1 * n + c2 * n * n for n in ns]
+    f0, f1, f2 = fit_quadratic(ns, ts)
+    for n, t in zip(ns, ts, strict=True):
+        assert f0 + f1 * n + f2 * n * n == pytest.approx(t, rel=1e-9)
+
+
+def test_fit_quadratic_is_least_squares() -> None:
+    # Least squares <=> the residuals are orthogonal to 1, n and n^2.
+    rng = random.Random(7)
+    ns = [rng.randint(100, 100_000) for _ in range(40)]
+    ts = [0.02 + 4e-5 * n + 6e-10 * n * n + rng.gauss(0, 0.05) for n in ns]
+    f0, f1, f2 = fit_quadratic(ns, ts)
+    residuals = [t - (f0 + f1 * n + f2 * n * n) for n, t in zip(ns, ts, strict=True)]
+    for k in range(3):
+        scale = math.fsum(abs(t) * (n / 1e5) ** k for n, t in zip(ns, ts, strict=True))
+        dot = math.fsum(r * (n / 1e5) ** k for n, r in zip(ns, residuals, strict=True))
+        assert abs(dot) < 1e-9 * scale
+    assert max(map(abs, residuals)) > 0.01  # the noise is really there
+
+
+def test_fit_quadratic_needs_three_lengths() -> None:
+    with pytest.raises(ProfileError, match="3 distinct"):
+        fit_quadratic([1, 1, 2], [1.0, 1.0, 2.0])
+    with pytest.raises(ProfileError):
+        fit_quadratic([1, 2, 3], [1.0])
+
+
+def test_builtin_profiles() -> None:
+    assert {"h100-llama-3.1-8b", "cpu-tiny-llama"} <= set(builtin_profile_names())
+    h100 = load_named_profile("h100-llama-3.1-8b")
+    assert h100.device == "cuda"
+    assert h100.model.kv_bytes_per_token == 131072
+    assert set(h100.tiers) == {"cpu", "disk"}
+    assert "roofline" in h100.source.lower()
+    # 20k tokens: prefill ~1.06 s; reload from CPU ~0.1 s.
+    assert h100.prefill_time(20_000) == pytest.approx(1.062144)
+    assert h100.reload_or_prefill(20_000, "cpu") == pytest.approx(0.1048776)
+    assert default_profile("cuda") == h100
+    tiny = default_profile()
+    assert (tiny.device, tiny.model.num_layers, tiny.model.head_dim) == ("cpu", 2, 64)
+
+
+def test_load_named_profile_by_path_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "mine.json"
+    _profile().save(path)
+    assert load_named_profile(str(path)) == _profile()
+    with pytest.raises(ProfileError, match=r"h100-llama-3\.1-8b"):
+        load_named_profile("a100-nope")
+    with pytest.raises(ProfileError, match="cpu, cuda"):
+        default_profile("tpu")
+
+
+def test_to_json_is_plain_json() -> None:
+    data = _profile().to_json()
+    assert json.loads(json.dumps(data)) == copy.deepcopy(data)
+    assert TierProfile.from_json(data) == _profile()
