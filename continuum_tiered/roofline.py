@@ -50,7 +50,9 @@ def parameter_count(hf_config: dict) -> int:
     inter = hf_config["intermediate_size"]
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
     mlp = 3 * hidden * inter
-    embeddings = hf_config["vocab_size"] * hidden * (1 if hf_config.get("tie_word_embeddings") else 2)
+    embeddings = (
+        hf_config["vocab_size"] * hidden * (1 if hf_config.get("tie_word_embeddings") else 2)
+    )
     return hf_config["num_hidden_layers"] * (attention + mlp) + embeddings
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from continuum_tiered.policies import POLICIES, make_policy
+from continuum_tiered.policies import DEFAULT_POLICY, POLICIES, make_policy
 from continuum_tiered.policies.base import RetentionPolicy
 from continuum_tiered.profile import ModelShape, ProfileError, TierProfile, load_named_profile
 from continuum_tiered.roofline import estimated_profile
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-DEFAULT_POLICY = "continuum"
 _KEYS = ("policy", "policy_options", "profile", "pressure_reserve_blocks")
 
 
@@ -111,7 +110,6 @@ def resolve_profile(name_or_path: object, model_config: ModelConfig) -> TierProf
             f"ContinuumConnector: profile must be a name or a path, got {name_or_path!r}"
         )
     try:
-        profile = load_named_profile(name_or_path)
-        return TierProfile.from_json(profile.to_json(), expect_model=shape, expect_device=device)
+        return load_named_profile(name_or_path, expect_model=shape, expect_device=device)
     except ProfileError as err:
         raise ConnectorConfigError(f"ContinuumConnector: {err}") from err

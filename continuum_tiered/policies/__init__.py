@@ -9,11 +9,14 @@ from continuum_tiered.policies.continuum import ContinuumPolicy
 from continuum_tiered.policies.static_ttl import NoRetentionPolicy, StaticTTLPolicy
 from continuum_tiered.profile import TierProfile
 
+DEFAULT_POLICY = "continuum"
+
 POLICIES: dict[str, type[RetentionPolicy]] = {
     cls.name: cls for cls in (ContinuumPolicy, StaticTTLPolicy, NoRetentionPolicy)
 }
 
 __all__ = [
+    "DEFAULT_POLICY",
     "POLICIES",
     "ContinuumPolicy",
     "NoRetentionPolicy",

@@ -1,0 +1,35 @@
+"""The ``continuum-tiered`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from continuum_tiered import demo, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="continuum-tiered",
+        description="Tool-call-aware KV retention and program-level scheduling for vLLM.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    serve.add_serve_parser(subparsers)
+    demo.add_demo_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    try:
+        return args.run(args, passthrough)
+    except ValueError as err:  # every user-facing error type derives from ValueError
+        print(f"continuum-tiered {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

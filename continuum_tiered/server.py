@@ -1,0 +1,134 @@
+"""Start and stop a vLLM OpenAI server as a child process (demo, tests, experiments)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BLOCK_SIZE = 32
+
+
+def tiny_engine_flags(model_dir: Path, num_blocks: int) -> list[str]:
+    """vLLM flags for a random-weight model on the CPU build (DESIGN.md section 5).
+
+    The KV pool is ``num_blocks`` blocks; one request may fill all of it (vLLM refuses to
+    start when the longest request could not fit).
+    """
+    return [
+        "--load-format",
+        "dummy",
+        "--enforce-eager",
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--num-gpu-blocks-override",
+        str(num_blocks),
+        "--max-model-len",
+        str((num_blocks - 1) * BLOCK_SIZE),  # block 0 is the null block
+        # On the CPU build this is the share of the NUMA node's memory vLLM reserves.
+        "--gpu-memory-utilization",
+        "0.15",
+        "--served-model-name",
+        "tiny",
+        "--tokenizer",
+        str(model_dir),
+    ]
+
+
+class ServerProcess:
+    """A server command run until ``/health`` answers; its output goes to ``log_path``.
+
+    ``command`` gets ``--host 127.0.0.1 --port PORT`` appended. Used as a context manager
+    it always stops the process group, so no engine process outlives a test.
+    """
+
+    def __init__(self, command: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 300.0) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"server exited with code {self.process.returncode} before it was ready; "
+                    f"last log lines:\n{self.log_tail()}"
+                )
+            if self.healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"server not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def python_module_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
