@@ -1,0 +1,1 @@
+"""Agent traces: the program/turn format every replay reads, and loaders into it."""
