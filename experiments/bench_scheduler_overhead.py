@@ -310,9 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The connector warns, once per scheduler built, that it estimates the tier profile.
     logging.getLogger("continuum_tiered").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="tiny-llama-") as tmp:
+        return run(args, write_tiny_llama(tmp))
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> int:
     workload = Workload(max_tokens=args.max_tokens, seed=args.seed)
     max_n = max(args.running)
-    model_dir = write_tiny_llama(Path(tempfile.mkdtemp(prefix="tiny-llama-")))
     base = DriverConfig(
         model_dir=model_dir,
         num_blocks=num_blocks_for(max_n, workload),
