@@ -11,6 +11,8 @@ it testable without an engine. All calls must come from the scheduler thread.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +65,11 @@ class PinTable:
     def __init__(self, pool: BlockPoolLike, pressure_order: PressureOrder = latest_program_first):
         self._pool = pool
         self._pins: dict[str, Pin] = {}
+        # Deadline heap, so a step's expiry check costs O(log n) instead of a scan of all
+        # pins. Entries of released pins stay until popped; ``_compact`` bounds them.
+        self._deadlines: list[tuple[float, int, Pin]] = []
+        self._tiebreak = itertools.count()
+        self._overdue: dict[str, Pin] = {}  # past the deadline, program still waiting
         self._pressure_order = pressure_order
         self.releases: Counter[ReleaseReason] = Counter()
         self.pins_created = 0
@@ -92,6 +99,13 @@ class PinTable:
         self.release(new.program_id, ReleaseReason.REPLACED)
         self._pins[new.program_id] = new
         self.pins_created += 1
+        heapq.heappush(self._deadlines, (new.deadline_s, next(self._tiebreak), new))
+        if len(self._deadlines) > 2 * len(self._pins) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._deadlines = [e for e in self._deadlines if self._pins.get(e[2].program_id) is e[2]]
+        heapq.heapify(self._deadlines)
 
     def release(self, program_id: str, reason: ReleaseReason) -> Pin | None:
         pin = self._pins.pop(program_id, None)
@@ -105,12 +119,19 @@ class PinTable:
 
     def expire(self, now_s: float, has_waiting_request: Callable[[str], bool]) -> list[Pin]:
         """Release every pin past its deadline whose program has no request waiting."""
-        due = [
-            pin.program_id
-            for pin in self._pins.values()
-            if now_s > pin.deadline_s and not has_waiting_request(pin.program_id)
-        ]
-        return [p for pid in due if (p := self.release(pid, ReleaseReason.EXPIRED))]
+        while self._deadlines and self._deadlines[0][0] < now_s:
+            pin = heapq.heappop(self._deadlines)[2]
+            if self._pins.get(pin.program_id) is pin:
+                self._overdue[pin.program_id] = pin
+        released = []
+        for program_id, pin in list(self._overdue.items()):
+            if self._pins.get(program_id) is not pin:
+                del self._overdue[program_id]
+            elif not has_waiting_request(program_id):
+                del self._overdue[program_id]
+                released.append(pin)
+                self.release(program_id, ReleaseReason.EXPIRED)
+        return released
 
     def release_for(self, free_blocks_needed: int, spare: str | None = None) -> list[Pin]:
         """Release pins in pressure order until the pool has ``free_blocks_needed`` free.

