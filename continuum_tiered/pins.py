@@ -73,6 +73,8 @@ class PinTable:
         self._pressure_order = pressure_order
         self.releases: Counter[ReleaseReason] = Counter()
         self.pins_created = 0
+        self.num_pinned_blocks = 0
+        self.version = 0  # bumped on every change, so readers can skip unchanged state
 
     def __len__(self) -> int:
         return len(self._pins)
@@ -82,10 +84,6 @@ class PinTable:
 
     def get(self, program_id: str) -> Pin | None:
         return self._pins.get(program_id)
-
-    @property
-    def num_pinned_blocks(self) -> int:
-        return sum(pin.num_blocks for pin in self._pins.values())
 
     def pin(self, new: Pin) -> None:
         """Take a reference on ``new.blocks``, replacing the program's previous pin.
@@ -99,6 +97,8 @@ class PinTable:
         self.release(new.program_id, ReleaseReason.REPLACED)
         self._pins[new.program_id] = new
         self.pins_created += 1
+        self.num_pinned_blocks += new.num_blocks
+        self.version += 1
         heapq.heappush(self._deadlines, (new.deadline_s, next(self._tiebreak), new))
         if len(self._deadlines) > 2 * len(self._pins) + 64:
             self._compact()
@@ -115,6 +115,8 @@ class PinTable:
         # deepest blocks of a prefix are the least likely to be shared with another turn.
         self._pool.free_blocks(list(reversed(pin.blocks)))
         self.releases[reason] += 1
+        self.num_pinned_blocks -= pin.num_blocks
+        self.version += 1
         return pin
 
     def expire(self, now_s: float, has_waiting_request: Callable[[str], bool]) -> list[Pin]:
@@ -123,7 +125,9 @@ class PinTable:
             pin = heapq.heappop(self._deadlines)[2]
             if self._pins.get(pin.program_id) is pin:
                 self._overdue[pin.program_id] = pin
-        released = []
+        released: list[Pin] = []
+        if not self._overdue:
+            return released
         for program_id, pin in list(self._overdue.items()):
             if self._pins.get(program_id) is not pin:
                 del self._overdue[program_id]

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import Literal
 
+import numpy as np
+
 
 class EmpiricalCDF:
     """The empirical CDF of a non-empty, ascending sequence of non-negative durations."""
@@ -29,31 +31,13 @@ class EmpiricalCDF:
         self.samples = samples
 
     @cached_property
-    def hull(self) -> tuple[list[float], list[float]]:
-        """Upper concave hull of the points (tau, P(tau)) for tau in {0} and the samples.
-
-        P(tau) * B - tau is maximised on this hull, so ``best_ttl`` needs a binary search
-        instead of a pass over every sample. Returns the hull's taus and its edge slopes.
-        """
-        samples, n = self.samples, len(self.samples)
-        xs, ys = [0.0], [0.0]
-        i = 0
-        while i < n:
-            x = samples[i]
-            i = bisect.bisect_right(samples, x, i)  # past the run of samples equal to x
-            y = i / n
-            if x == xs[-1]:  # samples of exactly 0: P(0) > 0
-                ys[-1] = y
-                continue
-            while len(xs) >= 2 and (ys[-1] - ys[-2]) * (x - xs[-2]) <= (y - ys[-2]) * (
-                xs[-1] - xs[-2]
-            ):
-                xs.pop()
-                ys.pop()
-            xs.append(x)
-            ys.append(y)
-        slopes = [(ys[k + 1] - ys[k]) / (xs[k + 1] - xs[k]) for k in range(len(xs) - 1)]
-        return xs, slopes
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct sample values and P(tau) at each, as arrays, so that ``best_ttl``
+        is one vectorised pass (the CDF is a snapshot: computed once, used per turn)."""
+        values = np.asarray(self.samples, dtype=np.float64)
+        last_of_run = np.append(values[1:] != values[:-1], True)
+        (ends,) = np.nonzero(last_of_run)
+        return values[last_of_run], (ends + 1) / len(values)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,12 +69,12 @@ class _Window:
         self._stale = 0
 
     def snapshot(self) -> EmpiricalCDF:
-        """The window's CDF, rebuilt once 1/64 of the window is new since the last one.
+        """The window's CDF, rebuilt once 1/16 of the window is new since the last one.
 
-        Rebuilding (a copy and a hull) costs O(n); a CDF of a thousand samples does not
-        move with a handful of new ones, and decisions come once per finished turn.
+        Rebuilding costs O(n); a CDF of a thousand samples does not move with a handful
+        of new ones, and decisions come once per finished turn.
         """
-        if self._snapshot is None or self._stale >= max(1, len(self.sorted) // 64):
+        if self._snapshot is None or self._stale >= max(1, len(self.sorted) // 16):
             self._snapshot = EmpiricalCDF(self.sorted, trusted=True)
             self._stale = 0
         return self._snapshot

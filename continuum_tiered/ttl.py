@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from continuum_tiered.tool_durations import EmpiricalCDF
 
@@ -39,16 +40,14 @@ def best_ttl(cdf: EmpiricalCDF, benefit_s: float) -> float:
 
 
 def fast_best_ttl(cdf: EmpiricalCDF, benefit_s: float) -> float:
-    """``best_ttl`` in O(log n) on the CDF's cached upper hull.
+    """``best_ttl`` as one vectorised pass over the CDF's cached distinct values.
 
-    Along the hull, P * B - tau grows while the edge slope exceeds 1 / B; the optimum is
-    the first vertex whose next edge is no steeper (ties stop early: the smallest tau).
+    ``argmax`` returns the first maximum, so exact ties still go to the smallest tau.
     """
-    if benefit_s <= 0:
-        return 0.0
-    xs, slopes = cdf.hull
-    # slopes descend; count the edges steeper than 1 / B.
-    return xs[bisect.bisect_left(slopes, -1.0 / benefit_s, key=lambda s: -s)]
+    values, probs = cdf.curve
+    scores = probs * benefit_s - values
+    best = int(np.argmax(scores))
+    return float(values[best]) if scores[best] > 0 else 0.0
 
 
 def cold_start_ttl(benefit_s: float) -> float:

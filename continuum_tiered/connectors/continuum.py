@@ -83,6 +83,7 @@ class ContinuumConnector(KVConnectorBase_V1):
             ("pinned_prefix_hit_tokens", "hints_rejected", "pin_handovers"), 0
         )
         self._reported: dict[str, int] = {}
+        self._reported_state: tuple[int, int, bool] = (0, 0, False)
         logger.info(
             "ContinuumConnector: policy=%s, profile=%s", self.policy.name, self.options.profile
         )
@@ -207,8 +208,13 @@ class ContinuumConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------- stats
 
     def get_kv_connector_stats(self) -> ContinuumStats | None:
+        """Called every engine step: returns None unless something changed."""
         if self._role != KVConnectorRole.SCHEDULER or self._pins is None:
             return None
+        state = (self.pins.version, self._counters["hints_rejected"], bool(self._tool_ttls))
+        if state == self._reported_state:
+            return None
+        self._reported_state = state
         totals = {
             **self._counters,
             "pins_created": self.pins.pins_created,
