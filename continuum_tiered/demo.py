@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import httpx
+
 from continuum_tiered.agent_runner import ProgramRecord, RunnerOptions, run_programs
 from continuum_tiered.server import ServerProcess, python_module_command, tiny_engine_flags
 from continuum_tiered.tiny_model import TinyLlamaShape, write_tiny_llama
@@ -39,8 +41,14 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="vanilla vLLM vs continuum-tiered on the CPU build")
     p.add_argument("--programs", type=int, default=8)
     p.add_argument("--turns", type=int, default=8, help="first N turns of each program")
-    p.add_argument("--token-scale", type=float, default=1 / 16)
-    p.add_argument("--kv-blocks", type=int, default=96, help="KV pool, in 32-token blocks")
+    p.add_argument(
+        "--token-scale",
+        type=float,
+        default=0.25,
+        help="multiplies the trace's token counts (contexts of a few thousand tokens, whose "
+        "prefill costs about as much as a tool call on two cores)",
+    )
+    p.add_argument("--kv-blocks", type=int, default=256, help="KV pool, in 32-token blocks")
     p.add_argument("--interarrival", type=float, default=0.5, help="mean seconds between programs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/demo"))
@@ -79,7 +87,23 @@ def run_system(
     with ServerProcess(command, args.out / f"{system}.log") as server:
         print(f"[{system}] replaying {len(programs)} programs ...", flush=True)
         options = RunnerOptions(model="tiny", send_hints=system != "vllm", seed=args.seed)
-        return asyncio.run(run_programs(server.url, programs, options))
+        records = asyncio.run(run_programs(server.url, programs, options))
+        if system != "vllm":
+            print_connector_counters(server.url)
+        return records
+
+
+def print_connector_counters(url: str) -> None:
+    """The plugin's own counters, from its Prometheus endpoint."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    counters = {
+        line.split("{")[0].removeprefix("vllm:continuum_").removesuffix("_total"): float(
+            line.rsplit(" ", 1)[1]
+        )
+        for line in text.splitlines()
+        if line.startswith("vllm:continuum_") and "_total{" in line
+    }
+    print(f"[continuum-tiered] {', '.join(f'{k}={v:g}' for k, v in counters.items())}")
 
 
 def p95(values: list[float]) -> float:
