@@ -117,6 +117,8 @@ def test_finished_turn_is_pinned_and_next_turn_hits_it_after_pool_churn(harness)
     harness.run("a1")
     stats = harness.connector._counters
     assert stats["pinned_prefix_hit_tokens"] == 320 and stats["pin_handovers"] == 1
+    program = harness.connector.programs.get("A")
+    assert program.turns_served == 2 and program.prefix_hit_tokens == 320
     harness.turn("a2", tokens(0, 10), ProgramHints("A", 2, last_turn=True))
 
 

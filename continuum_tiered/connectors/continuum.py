@@ -137,12 +137,14 @@ class ContinuumConnector(KVConnectorBase_V1):
             return
         self._count_waiting(program_id, -1)
         pin = self.pins.release(program_id, ReleaseReason.HANDED_OVER)
+        hit_tokens = 0
         if pin is not None:
             held = {id(block) for block in blocks.blocks[0]}
-            hits = sum(1 for block in pin.blocks if id(block) in held)
-            self._counters["pinned_prefix_hit_tokens"] += hits * self.block_size
+            hit_tokens = self.block_size * sum(1 for block in pin.blocks if id(block) in held)
+            self._counters["pinned_prefix_hit_tokens"] += hit_tokens
             self._counters["pin_handovers"] += 1
-        elif self._hints[request.request_id].turn > 0:
+        self.programs.record_prompt(program_id, request.num_prompt_tokens, hit_tokens)
+        if pin is None and self._hints[request.request_id].turn > 0:
             # A returning turn whose KV was not pinned: its wait is the eviction cost T_q.
             self.policy.observe_queue_delay(max(0.0, self.clock() - request.arrival_time))
 
