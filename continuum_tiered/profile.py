@@ -1,8 +1,9 @@
 """The tier profile: measured (or estimated) costs that feed the TTL cost model.
 
 A profile names the model shape and device kind it was measured for, the bandwidth and
-latency of each KV tier below the GPU (CPU memory, disk), and a quadratic fit of prefill
-time against context length. It is stored as versioned JSON; loading validates every
+latency of each KV tier below the GPU (CPU memory, disk), a quadratic fit of prefill
+time against context length and, optionally, a fit of decode step time against batch
+size and context length. It is stored as versioned JSON; loading validates every
 field and refuses a profile measured for another model shape or device kind.
 """
 
@@ -107,12 +108,31 @@ class TierProfile:
     tiers: dict[str, Tier]
     prefill_coeffs: tuple[float, float, float]  # t(n) = c0 + c1*n + c2*n^2 seconds
     source: str  # how the numbers were obtained
+    # t = d0 + d1*batch + d2*batch*context seconds per decode step; None when not measured
+    decode_coeffs: tuple[float, float, float] | None = None
 
     def prefill_time(self, n_tokens: int) -> float:
         if n_tokens <= 0:
             return 0.0
         c0, c1, c2 = self.prefill_coeffs
         return max(0.0, c0 + c1 * n_tokens + c2 * n_tokens * n_tokens)
+
+    def decode_step_time(self, batch: int, context_tokens: float) -> float:
+        """One decode step of ``batch`` sequences of ``context_tokens`` tokens each (mean).
+
+        ``batch * context_tokens`` is the KV the step reads.
+        """
+        if self.decode_coeffs is None:
+            raise ProfileError(
+                "this profile has no decode_coeffs; measure them with `continuum-tiered profile`"
+            )
+        if batch < 1 or context_tokens < 0:
+            raise ProfileError(
+                f"decode step needs batch >= 1 and context_tokens >= 0, "
+                f"got batch={batch}, context_tokens={context_tokens}"
+            )
+        d0, d1, d2 = self.decode_coeffs
+        return d0 + d1 * batch + d2 * batch * context_tokens
 
     def reload_time(self, tier_name: str, n_tokens: int) -> float:
         tier = self.tiers.get(tier_name)
@@ -127,7 +147,7 @@ class TierProfile:
         return prefill if tier is None else min(self.reload_time(tier, n_tokens), prefill)
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "version": self.version,
             "model": asdict(self.model),
             "device": self.device,
@@ -138,6 +158,9 @@ class TierProfile:
             "prefill_coeffs": list(self.prefill_coeffs),
             "source": self.source,
         }
+        if self.decode_coeffs is not None:
+            data["decode_coeffs"] = list(self.decode_coeffs)
+        return data
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -198,6 +221,7 @@ class TierProfile:
             tiers=tiers,
             prefill_coeffs=(c0, c1, c2),
             source=_get(root, "$", "source", _string),
+            decode_coeffs=_decode_coeffs(root.get("decode_coeffs")),
         )
 
     @classmethod
@@ -282,6 +306,24 @@ def _check_prefill_nonnegative(c0: float, c1: float, c2: float) -> None:
             raise ProfileError(
                 f"$.prefill_coeffs: t(n) = {c0} + {c1}*n + {c2}*n^2 is negative at n = {n:.0f}"
             )
+
+
+def _decode_coeffs(raw: object) -> tuple[float, float, float] | None:
+    """Optional in version 1: absent or null means not measured."""
+    if raw is None:
+        return None
+    values = _list(raw, "$.decode_coeffs")
+    if len(values) != 3:
+        raise ProfileError(f"$.decode_coeffs: got {values!r}, expected [d0, d1, d2]")
+    d0, d1, d2 = (_number(d, f"$.decode_coeffs[{i}]") for i, d in enumerate(values))
+    for i, d in enumerate((d0, d1, d2)):
+        # Each term is a cost (per step, per sequence, per KV token read): none can be negative.
+        if d < 0:
+            raise ProfileError(
+                f"$.decode_coeffs[{i}]: must be >= 0 in t = d0 + d1*batch + d2*batch*context, "
+                f"got {d}"
+            )
+    return d0, d1, d2
 
 
 def fit_quadratic(ns: Sequence[float], ts: Sequence[float]) -> tuple[float, float, float]:

@@ -244,3 +244,50 @@ def test_to_json_is_plain_json() -> None:
     data = _profile().to_json()
     assert json.loads(json.dumps(data)) == copy.deepcopy(data)
     assert TierProfile.from_json(data) == _profile()
+
+
+DECODE = (0.004, 2e-4, 3e-9)
+
+
+def test_decode_step_time() -> None:
+    profile = dataclasses.replace(_profile(), decode_coeffs=DECODE)
+    assert profile.decode_step_time(8, 20_000) == pytest.approx(
+        0.004 + 8 * 2e-4 + 8 * 20_000 * 3e-9
+    )
+    assert profile.decode_step_time(1, 0) == pytest.approx(0.004 + 2e-4)
+    for batch, context in ((0, 100), (4, -1)):
+        with pytest.raises(ProfileError, match="batch >= 1 and context_tokens >= 0"):
+            profile.decode_step_time(batch, context)
+
+
+def test_decode_step_time_without_coeffs() -> None:
+    assert _profile().decode_coeffs is None
+    with pytest.raises(ProfileError, match="no decode_coeffs"):
+        _profile().decode_step_time(1, 1000)
+
+
+def test_decode_coeffs_round_trip(tmp_path: Path) -> None:
+    assert "decode_coeffs" not in _profile().to_json()  # version 1 files stay as they were
+    profile = dataclasses.replace(_profile(), decode_coeffs=DECODE)
+    assert profile.to_json()["decode_coeffs"] == list(DECODE)
+    profile.save(tmp_path / "p.json")
+    assert TierProfile.load(tmp_path / "p.json") == profile
+    null = {**_profile().to_json(), "decode_coeffs": None}
+    assert TierProfile.from_json(null).decode_coeffs is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([0.0, 1e-4], r"\$\.decode_coeffs: got .*expected \[d0, d1, d2\]"),
+        ({"d0": 0.0}, r"\$\.decode_coeffs: got .*expected a list"),
+        ([0.0, "1e-4", 0.0], r"\$\.decode_coeffs\[1\]: got '1e-4'"),
+        ([0.0, 1e-4, float("nan")], r"\$\.decode_coeffs\[2\]"),
+        ([-1e-3, 1e-4, 1e-9], r"\$\.decode_coeffs\[0\]: must be >= 0"),
+        ([1e-3, 1e-4, -1e-9], r"\$\.decode_coeffs\[2\]: must be >= 0"),
+    ],
+)
+def test_decode_coeffs_validation(value: object, message: str) -> None:
+    data = {**_profile().to_json(), "decode_coeffs": value}
+    with pytest.raises(ProfileError, match=message):
+        TierProfile.from_json(data)
