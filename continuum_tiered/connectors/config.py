@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-_KEYS = ("policy", "policy_options", "profile", "pressure_reserve_blocks")
+# "device": the device the profile must have been measured on; defaults to this process's
+# platform. The virtual-time replay runs on a CPU but models a GPU, so it sets "cuda".
+_KEYS = ("policy", "policy_options", "profile", "device", "pressure_reserve_blocks")
 
 
 class ConnectorConfigError(ValueError):
@@ -69,7 +71,9 @@ class ConnectorOptions:
         return cls(
             policy=policy,
             policy_options=policy_options,
-            profile=resolve_profile(extra.get("profile"), vllm_config.model_config),
+            profile=resolve_profile(
+                extra.get("profile"), vllm_config.model_config, extra.get("device")
+            ),
             pressure_reserve_blocks=reserve,
         )
 
@@ -84,7 +88,9 @@ def _device_type() -> str:
     return "cpu" if current_platform.is_cpu() else "cuda"
 
 
-def resolve_profile(name_or_path: object, model_config: ModelConfig) -> TierProfile:
+def resolve_profile(
+    name_or_path: object, model_config: ModelConfig, device: object = None
+) -> TierProfile:
     """The named profile, checked against the served model; without a name, an estimate.
 
     A profile measured for another model or device gives wrong TTLs, so a mismatch is an
@@ -96,7 +102,12 @@ def resolve_profile(name_or_path: object, model_config: ModelConfig) -> TierProf
         dtype_bytes=model_config.dtype.itemsize,
         name=str(model_config.model),
     )
-    device = _device_type()
+    if device is None:
+        device = _device_type()
+    elif device not in ("cpu", "cuda"):
+        raise ConnectorConfigError(
+            f"ContinuumConnector: device must be cpu or cuda, not {device!r}"
+        )
     if name_or_path is None:
         logger.warning(
             "ContinuumConnector: no tier profile given; using a roofline estimate for %s on "

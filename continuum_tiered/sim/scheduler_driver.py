@@ -131,7 +131,10 @@ class SchedulerDriver:
         arrival_time: float,
         priority: int = 0,
         kv_transfer_params: dict[str, Any] | None = None,
+        prefix_block_hashes: Sequence[Any] = (),
     ) -> Request:
+        """``prefix_block_hashes``: hashes already known for the prompt's first blocks
+        (a previous turn of the same program), so only the new blocks are hashed."""
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         if kv_transfer_params is not None:
             params.extra_args = {"kv_transfer_params": kv_transfer_params}
@@ -142,10 +145,22 @@ class SchedulerDriver:
             pooling_params=None,
             arrival_time=arrival_time,
             priority=priority,
-            block_hasher=self._block_hasher,
+            block_hasher=self._hasher_with_prefix(prefix_block_hashes),
         )
         self.scheduler.add_request(request)
         return request
+
+    def _hasher_with_prefix(self, known: Sequence[Any]) -> Callable[[Request], list[Any]]:
+        if not known:
+            return self._block_hasher
+        base = self._block_hasher
+
+        def hasher(request: Request) -> list[Any]:
+            if not request.block_hashes:  # first call, from Request.__init__
+                request.block_hashes.extend(known)
+            return base(request)
+
+        return hasher
 
     def step(self, next_token: Callable[[Request], int] = lambda _r: 7) -> StepResult:
         """One engine step: schedule, then feed back one token per request that

@@ -1,0 +1,214 @@
+"""Virtual-time replay of agent programs on vLLM's real scheduler.
+
+The loop is the engine core's: add due requests, ``schedule()``, let the modelled GPU
+take the step time of the scheduled batch, ``update_from_output()``. Only the forward
+pass and the clock are modelled; admission, prefix caching, preemption and the KV
+connectors are vLLM's and ours. Tool calls are pauses in virtual time: a program's next
+turn arrives ``tool_duration_s`` after its previous turn finished.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+
+from continuum_tiered.hints import ProgramHints
+from continuum_tiered.sim.scheduler_driver import SchedulerDriver
+from continuum_tiered.sim.step_time import StepTimeModel
+from continuum_tiered.traces.model import TraceProgram
+
+
+@dataclass
+class ProgramRun:
+    """One program's progress through the replay and what it experienced."""
+
+    program: TraceProgram
+    seq: int
+    context: list[int] = field(default_factory=list)
+    block_hashes: list = field(default_factory=list)  # of the last finished turn
+    turn: int = 0
+    attained_s: float = 0.0  # GPU time of steps it was part of (Autellix's service)
+    start_s: float = 0.0
+    end_s: float | None = None
+    queue_s: float = 0.0
+    prompt_tokens: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def jct_s(self) -> float:
+        assert self.end_s is not None
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class EngineHooks:
+    """What a policy changes in the replay besides the connector configuration."""
+
+    priority: Callable[[ProgramRun], int] = lambda run: 0
+    send_hints: bool = False
+
+
+class VirtualEngine:
+    def __init__(
+        self,
+        driver: SchedulerDriver,
+        step_time: StepTimeModel,
+        programs: list[TraceProgram],
+        hooks: EngineHooks,
+        vocab_size: int,
+        seed: int = 0,
+    ):
+        self.driver = driver
+        self.scheduler = driver.scheduler
+        self.step_time = step_time
+        self.hooks = hooks
+        self.vocab_size = vocab_size
+        self.now = 0.0
+        self.seed = seed
+        ordered = sorted(programs, key=lambda p: p.arrival_s)
+        self.runs = [ProgramRun(p, seq) for seq, p in enumerate(ordered)]
+        self._events: list[tuple[float, int, int]] = [
+            (p.arrival_s, seq, seq) for seq, p in enumerate(ordered)
+        ]
+        heapq.heapify(self._events)
+        self._tiebreak = len(programs)
+        self._by_request: dict[str, ProgramRun] = {}
+        self._requests: dict[str, Request] = {}
+        self._waiting_since: dict[str, float] = {}
+        for connector in self._connectors():
+            if hasattr(connector, "clock"):
+                connector.clock = lambda: self.now
+
+    def _connectors(self) -> list:
+        connector = self.scheduler.connector
+        if connector is None:
+            return []
+        return list(getattr(connector, "_connectors", [connector]))
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, on_program_done: Callable[[], None] = lambda: None) -> list[ProgramRun]:
+        scheduler = self.scheduler
+        while self._events or scheduler.has_requests():
+            self._submit_due()
+            if not scheduler.has_requests():
+                self.now = max(self.now, self._events[0][0])
+                continue
+            out = scheduler.schedule()
+            if out.total_num_scheduled_tokens == 0:
+                if not scheduler.get_num_unfinished_requests():
+                    continue  # a step that only reported finished requests
+                if not self._events:
+                    waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
+                    raise RuntimeError(
+                        f"replay stalled at {self.now:.1f} s: nothing can run; waiting "
+                        f"{waiting[:5]}, running {len(scheduler.running)}, free blocks "
+                        f"{self.driver.block_pool.get_num_free_blocks()}"
+                    )
+                self.now = max(self.now, self._events[0][0])
+                continue
+            start = self.now
+            for new in out.scheduled_new_reqs:
+                run = self._by_request[new.req_id]
+                if (since := self._waiting_since.pop(new.req_id, None)) is not None:
+                    run.queue_s += start - since
+                    run.hit_tokens += new.num_computed_tokens
+            self.now += self._step_seconds(out)
+            finished = self._feed_back(out)
+            for rid in finished:
+                self._turn_finished(rid, on_program_done)
+        return self.runs
+
+    def _submit_due(self) -> None:
+        while self._events and self._events[0][0] <= self.now:
+            _, _, seq = heapq.heappop(self._events)
+            self._submit(self.runs[seq])
+
+    def _submit(self, run: ProgramRun) -> None:
+        turn = run.program.turns[run.turn]
+        rng = random.Random(f"{self.seed}:{run.seq}:{run.turn}")
+        fresh = turn.prompt_tokens - len(run.context)
+        run.context += [rng.randrange(3, self.vocab_size) for _ in range(fresh)]
+        rid = f"{run.program.program_id}#{run.turn}"
+        last = run.turn == len(run.program.turns) - 1
+        params = (
+            ProgramHints(run.program.program_id, run.turn, last, turn.tool).to_params()
+            if self.hooks.send_hints
+            else None
+        )
+        if run.turn == 0:
+            run.start_s = self.now
+        self._by_request[rid] = run
+        self._waiting_since[rid] = self.now
+        run.prompt_tokens += len(run.context)
+        self._requests[rid] = self.driver.add_request(
+            rid,
+            run.context,
+            max_tokens=turn.output_tokens,
+            arrival_time=self.now,
+            priority=self.hooks.priority(run),
+            kv_transfer_params=params,
+            prefix_block_hashes=run.block_hashes,
+        )
+
+    def _step_seconds(self, out) -> float:
+        requests = self.scheduler.requests
+        prefill: list[tuple[int, int]] = []
+        decode: list[int] = []
+        for rid, n in out.num_scheduled_tokens.items():
+            request = requests[rid]
+            offset = request.num_computed_tokens - n  # schedule() already advanced it
+            if offset >= request.num_prompt_tokens:
+                decode.append(offset)
+            else:
+                prefill.append((offset, n))
+        seconds = self.step_time.step_s(prefill, decode)
+        for connector in self._connectors():
+            if hasattr(connector, "take_transfer_seconds"):
+                seconds += connector.take_transfer_seconds()
+        for rid in out.num_scheduled_tokens:
+            self._by_request[rid].attained_s += seconds
+        return seconds
+
+    def _feed_back(self, out) -> list[str]:
+        requests = self.scheduler.requests
+        req_ids = list(out.num_scheduled_tokens)
+        sampled = []
+        for rid in req_ids:
+            request: Request = requests[rid]
+            done = request.num_computed_tokens >= request.num_tokens
+            sampled.append(
+                [3 + (request.num_tokens * 7919) % (self.vocab_size - 3)] if done else []
+            )
+        runner_out = ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+            sampled_token_ids=sampled,
+        )
+        engine_outputs = self.scheduler.update_from_output(out, runner_out)
+        return [
+            o.request_id
+            for outs in engine_outputs.values()
+            for o in outs.outputs
+            if o.finish_reason is not None
+        ]
+
+    def _turn_finished(self, rid: str, on_program_done: Callable[[], None]) -> None:
+        run = self._by_request.pop(rid)
+        request = self._requests.pop(rid)
+        run.context += request.output_token_ids
+        run.block_hashes = list(request.block_hashes)
+        turn = run.program.turns[run.turn]
+        run.turn += 1
+        if run.turn == len(run.program.turns):
+            run.end_s = self.now
+            run.context, run.block_hashes = [], []
+            on_program_done()
+            return
+        self._tiebreak += 1
+        heapq.heappush(self._events, (self.now + turn.tool_duration_s, self._tiebreak, run.seq))

@@ -1,0 +1,142 @@
+"""One virtual-time run: a peer's configuration, a deployment, a trace at one load."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+from vllm.config import VllmConfig
+
+from continuum_tiered.profile import ModelShape, TierProfile, load_named_profile
+from continuum_tiered.roofline import estimated_profile
+from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.sim.engine import ProgramRun, VirtualEngine
+from continuum_tiered.sim.peers import Peer
+from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
+from continuum_tiered.sim.step_time import StepTimeModel
+from continuum_tiered.traces.model import TraceProgram
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    policy: str
+    jps: float
+    programs: int
+    avg_jct_s: float
+    p50_jct_s: float
+    p90_jct_s: float
+    p95_jct_s: float
+    throughput_programs_per_h: float
+    avg_queue_s: float
+    prefix_hit_ratio: float
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = q * (len(ordered) - 1)
+    lo = int(index)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (index - lo)
+
+
+def summarize(policy: str, jps: float, runs: list[ProgramRun]) -> RunSummary:
+    jcts = [r.jct_s for r in runs]
+    makespan = max(r.end_s for r in runs if r.end_s is not None) - min(r.start_s for r in runs)
+    turns = sum(len(r.program.turns) for r in runs)
+    return RunSummary(
+        policy=policy,
+        jps=jps,
+        programs=len(runs),
+        avg_jct_s=statistics.fmean(jcts),
+        p50_jct_s=quantile(jcts, 0.5),
+        p90_jct_s=quantile(jcts, 0.9),
+        p95_jct_s=quantile(jcts, 0.95),
+        throughput_programs_per_h=3600 * len(runs) / makespan if makespan > 0 else float("inf"),
+        avg_queue_s=sum(r.queue_s for r in runs) / turns,
+        prefix_hit_ratio=sum(r.hit_tokens for r in runs)
+        / max(1, sum(r.prompt_tokens for r in runs)),
+    )
+
+
+@dataclass(frozen=True)
+class ReplaySetup:
+    deployment: Deployment
+    profile_ref: str | None  # built-in name or path; None: roofline estimate of the model
+    seed: int = 0
+
+    @property
+    def model_dir(self) -> Path:
+        return _model_dir(self.deployment)
+
+    def profile(self) -> TierProfile:
+        hf = self.deployment.hf_config()
+        shape = ModelShape.from_hf_config(hf, name=self.deployment.model)
+        if self.profile_ref is None:
+            return estimated_profile(hf, shape, "cuda")
+        return load_named_profile(self.profile_ref, expect_model=shape, expect_device="cuda")
+
+
+@cache
+def _model_dir(deployment: Deployment) -> Path:
+    return deployment.write_config(Path(tempfile.mkdtemp(prefix="ct-model-")))
+
+
+def unlimited_blocks(deployment: Deployment, programs: list[TraceProgram]) -> int:
+    """Enough blocks for every program's final context at once, plus margin."""
+    per_program = (
+        (p.turns[-1].prompt_tokens + p.turns[-1].output_tokens) // deployment.block_size + 2
+        for p in programs
+    )
+    return sum(per_program) + deployment.max_num_seqs
+
+
+def driver_config(peer: Peer, setup: ReplaySetup, programs: list[TraceProgram]) -> DriverConfig:
+    d = setup.deployment
+    num_blocks = unlimited_blocks(d, programs) if peer.unlimited_kv else d.num_gpu_blocks()
+    kv = peer.with_profile(setup.profile_ref)
+    if kv is not None:
+        extra = {**kv["kv_connector_extra_config"], "device": "cuda"}
+        kv = {**kv, "kv_connector_extra_config": extra}
+    return DriverConfig(
+        model_dir=setup.model_dir,
+        num_blocks=num_blocks,
+        block_size=d.block_size,
+        max_model_len=d.hf_config()["max_position_embeddings"],
+        max_num_batched_tokens=d.max_num_batched_tokens,
+        max_num_seqs=d.max_num_seqs,
+        scheduling_policy=peer.scheduling_policy,
+        kv_transfer_config=kv,
+    )
+
+
+_VLLM_CONFIGS: dict[str, VllmConfig] = {}
+
+
+def replay(
+    peer: Peer,
+    programs: list[TraceProgram],
+    setup: ReplaySetup,
+    jps: float,
+    on_program_done=lambda: None,
+) -> tuple[RunSummary, list[ProgramRun]]:
+    cfg = driver_config(peer, setup, programs)
+    key = repr(cfg)
+    if key not in _VLLM_CONFIGS:  # building one takes seconds; loads reuse it
+        _VLLM_CONFIGS[key] = build_vllm_config(cfg)
+    driver = SchedulerDriver(cfg, _VLLM_CONFIGS[key])
+    engine = VirtualEngine(
+        driver,
+        StepTimeModel.from_profile(setup.profile(), setup.deployment.hf_config()),
+        programs,
+        peer.hooks,
+        vocab_size=setup.deployment.hf_config()["vocab_size"],
+        seed=setup.seed,
+    )
+    runs = engine.run(on_program_done)
+    return summarize(peer.name, jps, runs), runs
