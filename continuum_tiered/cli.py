@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from continuum_tiered import demo, serve
+from continuum_tiered.traces.cli import add_trace_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     serve.add_serve_parser(subparsers)
     demo.add_demo_parser(subparsers)
+    add_trace_parser(subparsers)
     return parser
 
 

