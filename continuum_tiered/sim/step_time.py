@@ -31,7 +31,7 @@ class StepTimeModel:
     def from_profile(
         cls, profile: TierProfile, hf_config: dict, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S
     ) -> StepTimeModel:
-        decode = getattr(profile, "decode_coeffs", None)
+        decode = profile.decode_coeffs
         if decode is None:
             weights = parameter_count(hf_config) * profile.model.dtype_bytes
             decode = (
