@@ -76,9 +76,18 @@ def test_simulate_cli_writes_summary_table_and_plots(tmp_path, simple_profile):
     trace = tmp_path / "trace.jsonl"
     write_trace([TraceProgram("p", (Turn(32, 2, "ls", 0.5), Turn(40, 2, None, 0.0)))], trace)
     out = tmp_path / "out"
+    options = ["--policies", "vllm,oracle", "--jps", "1,2", "--programs", "1"]
     code = main(
-        ["simulate", "--trace", str(trace), "--policies", "vllm,oracle", "--jps", "1,2"]
-        + ["--programs", "1", "--profile", simple_profile, "--out", str(out)]
+        [
+            "simulate",
+            "--trace",
+            str(trace),
+            *options,
+            "--profile",
+            simple_profile,
+            "--out",
+            str(out),
+        ]
     )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
