@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from continuum_tiered import demo, serve
+from continuum_tiered.profiling import cli as profiling_cli
 from continuum_tiered.sim.cli import add_simulate_parser
 from continuum_tiered.traces.cli import add_trace_parser
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     serve.add_serve_parser(subparsers)
     demo.add_demo_parser(subparsers)
+    profiling_cli.add_profile_parser(subparsers)
     add_trace_parser(subparsers)
     add_simulate_parser(subparsers)
     return parser

@@ -1,0 +1,312 @@
+"""``continuum-tiered profile``: measure a device's tier bandwidths, prefill and decode.
+
+Writes the versioned tier-profile JSON that ``serve --profile`` and the replay read, a PNG
+of the fits next to it, and prints a summary table. Every input is checked before the
+first measurement, so a bad flag fails in a second, not after minutes of profiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PretrainedConfig
+
+from continuum_tiered.profile import PROFILE_VERSION, ModelShape, ProfileError, TierProfile
+from continuum_tiered.profiling import compute, disk, transfers
+from continuum_tiered.profiling.measure import (
+    BLOCK_TOKENS,
+    FULL,
+    MAX_CONTEXT_TOKENS,
+    QUICK,
+    Plan,
+    ProfilingError,
+    Series,
+    available_host_bytes,
+    fit_link,
+    load_note,
+    max_transfer_tokens,
+    transfer_tokens,
+)
+from continuum_tiered.profiling.report import Measurements, plot, summary
+
+TIER_NAMES = ("cpu", "disk")
+MIN_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class TierRequest:
+    name: str
+    directory: Path | None  # where the disk tier writes its files
+
+
+@dataclass(frozen=True)
+class ProfileJob:
+    """Everything a run needs, checked."""
+
+    hf_config: PretrainedConfig
+    shape: ModelShape
+    device: str
+    dtype: str
+    tiers: list[TierRequest]
+    max_tokens: int | None
+    plan: Plan
+    out: Path
+    command: str
+
+    @property
+    def png(self) -> Path:
+        return self.out.with_suffix(".png")
+
+
+def add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="measure tier bandwidths, prefill and decode time; write a tier profile",
+        description="Measure the costs the TTL cost model needs on this machine and write "
+        "them as a tier-profile JSON (plus a PNG of the fits next to it).",
+    )
+    p.add_argument("--model", required=True, help="HF config.json, or a directory holding one")
+    p.add_argument("--device", required=True, choices=("cuda", "cpu"))
+    p.add_argument(
+        "--tiers",
+        default="cpu",
+        help="comma-separated tiers to measure: cpu, disk:/dir (default: cpu)",
+    )
+    p.add_argument("--dtype", default="bf16", choices=sorted(compute.DTYPES))
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="largest context measured (default: the model's, and 128k for transfers)",
+    )
+    p.add_argument("--quick", action="store_true", help="reduced grid, fewer repeats")
+    p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
+    p.set_defaults(run=run_profile)
+
+
+def run_profile(args: argparse.Namespace, passthrough: list[str]) -> int:
+    job = job_from_args(args)
+    profile, measurements = measure(job)
+    profile.save(job.out)
+    plot(profile, measurements, job.png)
+    print(summary(profile, measurements, job.out, job.png), flush=True)
+    return 0
+
+
+def job_from_args(args: argparse.Namespace) -> ProfileJob:
+    check_device(args.device)
+    config_path, config = load_config(Path(args.model))
+    dtype_bytes = compute.DTYPES[args.dtype].itemsize
+    name = config.get("_name_or_path") or config_path.parent.resolve().name
+    try:
+        shape = ModelShape.from_hf_config(config, dtype_bytes, name=str(name))
+        hf_config = compute.transformers_config(config)
+    except ProfileError as exc:
+        raise ProfilingError(f"{config_path}: {exc}") from exc
+    if args.max_tokens is not None and args.max_tokens < MIN_MAX_TOKENS:
+        raise ProfilingError(f"--max-tokens must be at least {MIN_MAX_TOKENS}")
+    tiers = parse_tiers(args.tiers)
+    check_output(args.out)
+    return ProfileJob(
+        hf_config=hf_config,
+        shape=shape,
+        device=args.device,
+        dtype=args.dtype,
+        tiers=tiers,
+        max_tokens=args.max_tokens,
+        plan=QUICK if args.quick else FULL,
+        out=args.out,
+        command=command_line(args),
+    )
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ProfilingError(
+            f"--device cuda: torch {torch.__version__} sees no CUDA GPU; use --device cpu"
+        )
+
+
+def load_config(path: Path) -> tuple[Path, dict[str, object]]:
+    config_path = path / "config.json" if path.is_dir() else path
+    if not config_path.is_file():
+        raise ProfilingError(f"--model: no model config at {config_path}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProfilingError(f"--model: cannot read {config_path} as JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ProfilingError(f"--model: {config_path} is not a JSON object")
+    return config_path, config
+
+
+def parse_tiers(text: str) -> list[TierRequest]:
+    tiers = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, directory = item.partition(":")
+        if name not in TIER_NAMES:
+            raise ProfilingError(
+                f"--tiers: unknown tier {name!r}; known tiers: cpu, disk:/path/to/dir"
+            )
+        if any(t.name == name for t in tiers):
+            raise ProfilingError(f"--tiers: tier {name!r} given twice")
+        if name == "cpu" and sep:
+            raise ProfilingError(f"--tiers: the cpu tier takes no path, got {item!r}")
+        if name == "disk":
+            if not directory:
+                raise ProfilingError("--tiers: the disk tier needs a directory: disk:/path")
+            disk.check_directory(Path(directory))
+        tiers.append(TierRequest(name, Path(directory) if directory else None))
+    if not tiers:
+        raise ProfilingError("--tiers: name at least one tier (cpu, disk:/path)")
+    return tiers
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output the profile (and its PNG) could not be written to."""
+    if out.suffix == ".png":
+        raise ProfilingError(f"--out {out}: the PNG goes next to the JSON; name the JSON file")
+    if out.is_dir():
+        raise ProfilingError(f"--out {out} is a directory")
+    if not out.parent.is_dir():
+        raise ProfilingError(f"--out {out}: directory {out.parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ProfilingError(f"--out {out}: cannot write in {out.parent}: {exc}") from exc
+    for path in (out, out.with_suffix(".png")):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ProfilingError(f"--out: {path} exists and is not writable")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command, every option spelled out, so the profile says how to redo it."""
+    words = ["continuum-tiered", "profile", "--model", args.model, "--device", args.device]
+    words += ["--tiers", args.tiers, "--dtype", args.dtype]
+    if args.max_tokens is not None:
+        words += ["--max-tokens", str(args.max_tokens)]
+    if args.quick:
+        words.append("--quick")
+    return shlex.join([*words, "--out", str(args.out)])
+
+
+def measure(job: ProfileJob) -> tuple[TierProfile, Measurements]:
+    kv = job.shape.kv_bytes_per_token
+    block = BLOCK_TOKENS[job.device]
+    series: list[Series] = []
+    notes = [load_note()]
+    if any(t.name == "cpu" for t in job.tiers):
+        top = max_transfer_tokens(kv, block, job.max_tokens, _copy_budget(job.device))
+        result = transfers.measure_transfers(
+            job.device,
+            [n * kv for n in transfer_tokens(block, top, job.plan.size_step)],
+            job.plan.transfer_repeats,
+        )
+        series += result.series
+        notes += result.notes
+    for tier in job.tiers:
+        if tier.directory is not None:
+            budget = min(disk.disk_budget_bytes(tier.directory), available_host_bytes() / 4)
+            top = max_transfer_tokens(kv, block, job.max_tokens, budget)
+            result = disk.measure_disk(
+                tier.directory,
+                [n * kv for n in transfer_tokens(block, top, job.plan.size_step)],
+                job.plan.disk_repeats,
+            )
+            series += result.series
+            notes += result.notes
+
+    model = compute.build_model(job.hf_config, job.dtype, job.device)
+    longest = min(
+        compute.max_context(job.hf_config) or MAX_CONTEXT_TOKENS,
+        job.max_tokens or MAX_CONTEXT_TOKENS,
+    )
+    lengths = compute.prefill_lengths(longest, job.plan.prefill_points)
+    prefill = compute.measure_prefill(model, lengths, job.plan.prefill_repeats, job.device)
+    grid = compute.decode_grid(
+        job.plan.decode_batches,
+        compute.spread(list(prefill.lengths), job.plan.decode_contexts),
+        kv,
+        _kv_budget(job.device),
+    )
+    decode = compute.measure_decode(model, job.shape, grid, job.plan.decode_repeats, job.device)
+    del model
+
+    tier_series = {
+        t.name: max(
+            (s for s in series if s.tier == t.name and s.reload),
+            key=lambda s: s.large_size_bandwidth,
+        )
+        for t in job.tiers
+    }
+    measurements = Measurements(series, tier_series, prefill, decode, notes)
+    profile = TierProfile(
+        version=PROFILE_VERSION,
+        model=job.shape,
+        device=job.device,
+        tiers={name: fit_link(name, s) for name, s in tier_series.items()},
+        prefill_coeffs=prefill.coeffs,
+        source=_source(job, measurements),
+        decode_coeffs=decode.coeffs,
+    )
+    # What we write must load: run the reader's checks now, not when a server starts.
+    return TierProfile.from_json(profile.to_json(), job.shape, job.device), measurements
+
+
+def _copy_budget(device: str) -> float:
+    """Largest buffer per copy endpoint: the host holds up to three (pinned, pageable, CuPy)."""
+    if device == "cuda":
+        return min(available_host_bytes() / 6, torch.cuda.mem_get_info()[0] / 2)
+    return available_host_bytes() / 4
+
+
+def _kv_budget(device: str) -> float:
+    """Room for one decode point's random KV cache, with the model already loaded."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] / 2
+    return available_host_bytes() / 2
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                "unknown CPU",
+            )
+    except OSError:
+        model = "unknown CPU"
+    return f"{model} ({os.cpu_count()} CPUs)"
+
+
+def _source(job: ProfileJob, m: Measurements) -> str:
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plan = job.plan
+    tiers = "; ".join(
+        f"{name} tier: bandwidth = {s.label} ({'/'.join(sorted(set(s.backends)))}) throughput "
+        f"at {s.sizes[-1]} bytes, latency = intercept fitted over {len(s.sizes)} sizes "
+        f"from {s.sizes[0]} bytes"
+        for name, s in m.tier_series.items()
+    )
+    return (
+        f"Measured by `{job.command}` on {device_name(job.device)}, {date}; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}. {tiers}. "
+        + "; ".join(m.notes)
+        + f". Prefill: random-weight {job.dtype} model, median of {plan.prefill_repeats} runs "
+        f"after a warm-up at {', '.join(map(str, m.prefill.lengths))} tokens, "
+        f"{m.prefill.method}. Decode: one step over a static cache of random KV, median of "
+        f"{plan.decode_repeats} steps at (batch, context) "
+        + ", ".join(f"({b}, {c})" for b, c, _ in m.decode.points)
+        + ", nonnegative least squares."
+    )

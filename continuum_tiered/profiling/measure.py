@@ -1,0 +1,140 @@
+"""What the measurements share: the plan, timing, size grids, memory limits, link fits."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from continuum_tiered.profile import Tier
+
+MAX_CONTEXT_TOKENS = 131_072  # the largest context a transfer is measured for
+BLOCK_TOKENS = {"cuda": 16, "cpu": 32}  # vLLM's block size: default on GPU, minimum on CPU
+MIN_SAMPLE_S = 1e-3  # short operations repeat inside one sample until it lasts this long
+_MAX_INNER = 1000
+
+
+class ProfilingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: the full grid, or the reduced one of ``--quick``."""
+
+    size_step: int  # consecutive transfer sizes differ by this factor
+    transfer_repeats: int
+    disk_repeats: int
+    prefill_repeats: int
+    prefill_points: int | None  # at most this many context lengths; None: all of them
+    decode_batches: tuple[int, ...]
+    decode_contexts: int
+    decode_repeats: int
+
+
+FULL = Plan(4, 7, 3, 5, None, (1, 4, 16, 64), 4, 7)
+QUICK = Plan(16, 3, 2, 2, 4, (1, 8), 2, 3)
+
+
+@dataclass(frozen=True)
+class Series:
+    """Median time of one kind of transfer at each size."""
+
+    tier: str  # the profile tier it describes: "cpu" or "disk"
+    label: str  # what moved, e.g. "pinned host->device"
+    reload: bool  # the direction that brings KV back to the device
+    sizes: tuple[int, ...]  # bytes
+    seconds: tuple[float, ...]
+    backends: tuple[str, ...]  # the library that gave each time, e.g. "torch", "cupy"
+
+    @property
+    def large_size_bandwidth(self) -> float:
+        """Throughput of the largest transfer, where latency no longer counts."""
+        return self.sizes[-1] / self.seconds[-1]
+
+
+def median_seconds(
+    op: Callable[[], object],
+    sync: Callable[[], None],
+    repeats: int,
+    min_sample_s: float = MIN_SAMPLE_S,
+) -> float:
+    """Median over ``repeats`` samples of one ``op`` (then ``sync``), after one warm-up.
+
+    An operation shorter than ``min_sample_s`` runs several times per sample, so a
+    microsecond copy is not lost in the timer's resolution.
+    """
+    start = time.perf_counter()
+    op()
+    sync()
+    warm_up = time.perf_counter() - start
+    inner = 1 if warm_up >= min_sample_s else min(_MAX_INNER, int(min_sample_s / warm_up) + 1)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            op()
+        sync()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def transfer_tokens(block_tokens: int, max_tokens: int, step: int) -> list[int]:
+    """Token counts from one block up to ``max_tokens`` (always included), ``step`` apart."""
+    tokens = []
+    n = block_tokens
+    while n < max_tokens:
+        tokens.append(n)
+        n *= step
+    return [*tokens, max_tokens]
+
+
+def max_transfer_tokens(
+    kv_bytes_per_token: int, block_tokens: int, max_tokens: int | None, budget_bytes: float
+) -> int:
+    """The largest context to move: 128k tokens, capped by --max-tokens and memory, in blocks."""
+    by_memory = int(budget_bytes // kv_bytes_per_token)
+    cap = min(MAX_CONTEXT_TOKENS, max_tokens or MAX_CONTEXT_TOKENS, by_memory)
+    if cap < block_tokens:
+        raise ProfilingError(
+            f"room for {cap} tokens (--max-tokens {max_tokens}, memory for {by_memory}), "
+            f"less than one {block_tokens}-token KV block"
+        )
+    return cap // block_tokens * block_tokens
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free plus reclaimable cache); free pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_note() -> str:
+    """How busy the machine was: other work on the same cores inflates every timing."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    note = f"1-minute load average {load:.2f} on {cpus} CPUs at start"
+    return note + (" (other work was running: times may be inflated)" if load > cpus / 4 else "")
+
+
+def fit_link(name: str, series: Series) -> Tier:
+    """A tier from a reload series: time = latency + bytes / bandwidth.
+
+    The bandwidth is the throughput at the largest size; the latency is the intercept
+    that, with that slope, minimises the relative error over all sizes, so the small
+    transfers (where latency matters) weigh as much as the large ones. Negative
+    intercepts (small copies served from CPU caches) clamp to 0.
+    """
+    bandwidth = series.large_size_bandwidth
+    weights = [1 / (t * t) for t in series.seconds]
+    residuals = [t - n / bandwidth for n, t in zip(series.sizes, series.seconds, strict=True)]
+    latency = sum(w * r for w, r in zip(weights, residuals, strict=True)) / sum(weights)
+    return Tier(name, bandwidth, max(0.0, latency))

@@ -1,0 +1,162 @@
+"""The summary table printed at the end of a profile, and the PNG of fits and points."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from continuum_tiered.profile import TierProfile
+from continuum_tiered.profiling.compute import DecodeResult, PrefillResult
+from continuum_tiered.profiling.measure import Series
+
+
+@dataclass(frozen=True)
+class Measurements:
+    series: list[Series]
+    tier_series: dict[str, Series]  # the reload series each profile tier was fitted on
+    prefill: PrefillResult
+    decode: DecodeResult
+    notes: list[str]
+
+
+def fit_errors(profile: TierProfile, m: Measurements) -> dict[str, float]:
+    """Largest relative gap between each fit and the points it was fitted on."""
+    errors = {
+        f"{name} tier": _max_relative_error(
+            series.seconds, [profile.tiers[name].transfer_time(n) for n in series.sizes]
+        )
+        for name, series in m.tier_series.items()
+    }
+    errors["prefill"] = _max_relative_error(
+        m.prefill.seconds, [profile.prefill_time(n) for n in m.prefill.lengths]
+    )
+    errors["decode"] = _max_relative_error(
+        [t for _, _, t in m.decode.points],
+        [profile.decode_step_time(b, c) for b, c, _ in m.decode.points],
+    )
+    return errors
+
+
+def _max_relative_error(measured: tuple[float, ...] | list[float], fitted: list[float]) -> float:
+    return max(abs(f - t) / t for t, f in zip(measured, fitted, strict=True))
+
+
+def summary(profile: TierProfile, m: Measurements, out: Path, png: Path) -> str:
+    shape = profile.model
+    lines = [
+        f"model {shape.name} ({shape.shape_text()}): {shape.kv_bytes_per_token} KV bytes/token",
+        "",
+        _table(
+            ["tier", "transfer", "sizes", "at largest", "backend"],
+            [
+                [
+                    s.tier,
+                    s.label + (" (reload)" if s.reload else ""),
+                    f"{_bytes(s.sizes[0])} .. {_bytes(s.sizes[-1])}",
+                    f"{s.large_size_bandwidth / 1e9:.2f} GB/s",
+                    "/".join(sorted(set(s.backends))),
+                ]
+                for s in m.series
+            ],
+        ),
+        "",
+        _table(
+            ["profile tier", "bytes", "measured", "fit"],
+            [
+                [name, _bytes(n), _ms(t), _ms(profile.tiers[name].transfer_time(n))]
+                for name, series in m.tier_series.items()
+                for n, t in zip(series.sizes, series.seconds, strict=True)
+            ],
+        ),
+        *(
+            f"{t.name} tier: {t.bandwidth_bytes_per_s / 1e9:.3f} GB/s, latency "
+            f"{t.latency_s * 1e6:.1f} us, from {m.tier_series[t.name].label}"
+            for t in profile.tiers.values()
+        ),
+        "",
+        _table(
+            ["prefill tokens", "measured", "fit"],
+            [
+                [str(n), _ms(t), _ms(profile.prefill_time(n))]
+                for n, t in zip(m.prefill.lengths, m.prefill.seconds, strict=True)
+            ],
+        ),
+        "prefill t(n) = {:.4g} + {:.4g} n + {:.4g} n^2 s, {}".format(
+            *profile.prefill_coeffs, m.prefill.method
+        ),
+        "",
+        _table(
+            ["decode batch", "context", "measured", "fit"],
+            [
+                [str(b), str(c), _ms(t), _ms(profile.decode_step_time(b, c))]
+                for b, c, t in m.decode.points
+            ],
+        ),
+        "decode t = {:.4g} + {:.4g} batch + {:.4g} batch*context s".format(*m.decode.coeffs),
+        "",
+        "largest fit error: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in fit_errors(profile, m).items()),
+        *m.notes,
+        f"wrote {out} and {png}",
+    ]
+    return "\n".join(lines)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, ["-" * w for w in widths], *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{n:.0f} {units[i]}" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def plot(profile: TierProfile, m: Measurements, png: Path) -> None:
+    """Prefill curve, transfer time against bytes per tier, decode lines per batch size."""
+    fig = Figure(figsize=(17, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    prefill, transfers, decode = fig.subplots(1, 3)
+
+    ns = np.linspace(1, max(m.prefill.lengths), 200)
+    prefill.plot(m.prefill.lengths, m.prefill.seconds, "o", label="measured (median)")
+    prefill.plot(ns, [profile.prefill_time(int(n)) for n in ns], "-", label="quadratic fit")
+    prefill.set(xlabel="context tokens", ylabel="prefill time (s)", title="prefill")
+    prefill.legend()
+
+    for s in m.series:
+        transfers.loglog(s.sizes, s.seconds, "o" if s.reload else "x", label=f"{s.tier}: {s.label}")
+    for name, s in m.tier_series.items():
+        sizes = np.geomspace(s.sizes[0], s.sizes[-1], 100)
+        tier = profile.tiers[name]
+        transfers.loglog(sizes, [tier.transfer_time(n) for n in sizes], "-", label=f"{name} fit")
+    transfers.set(xlabel="bytes", ylabel="time (s)", title="transfers")
+    transfers.legend(fontsize="small")
+
+    for batch in sorted({b for b, _, _ in m.decode.points}):
+        row = [(c, t) for b, c, t in m.decode.points if b == batch]
+        (line,) = decode.plot(*zip(*row, strict=True), "o", label=f"batch {batch}")
+        contexts = np.linspace(0, max(c for c, _ in row), 50)
+        fitted = [profile.decode_step_time(batch, c) for c in contexts]
+        decode.plot(contexts, fitted, "-", color=line.get_color())
+    decode.set(xlabel="context tokens", ylabel="step time (s)", title="decode step (lines: fit)")
+    decode.legend()
+
+    fig.suptitle(f"{profile.model.name} on {profile.device}, {profile.model.dtype_bytes}-byte KV")
+    fig.savefig(png, dpi=100)
