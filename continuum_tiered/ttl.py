@@ -15,7 +15,8 @@ from continuum_tiered.tool_durations import EmpiricalCDF
 class TTLDecision:
     ttl_s: float
     benefit_s: float  # T_q * eta + ReloadOrPrefill: what a pin saves if the program returns
-    source: str  # "cold-start" | "tool" | "global" | "static" | "last-turn"
+    source: str  # "cold-start" | "tool" | "global" | "static" | "last-turn" | InferCept's choice
+    offload: bool = False  # also copy the KV to the next tier down now (InferCept's swap)
 
 
 def best_ttl(cdf: EmpiricalCDF, benefit_s: float) -> float:

@@ -67,6 +67,11 @@ class ContinuumConnector(KVConnectorBase_V1):
     ):
         super().__init__(vllm_config, role, kv_cache_config)
         self.clock: Callable[[], float] = time.time
+        # Where a finished turn's KV will be found once its pin goes (a lower tier's
+        # name) or None (recompute). Set by whatever knows the lower tiers.
+        self.residency: Callable[[Request], str | None] = lambda request: None
+        # Copies a finished turn's KV to a lower tier, for policies that ask for it.
+        self.offload: Callable[[Request], None] = lambda request: None
         if role != KVConnectorRole.SCHEDULER:
             return
         self.options = ConnectorOptions.from_vllm_config(vllm_config)
@@ -170,9 +175,12 @@ class ContinuumConnector(KVConnectorBase_V1):
                 context_tokens=request.num_tokens,
                 last_turn=False,
                 now_s=now,
+                tier=self.residency(request),
             )
         )
         self._tool_ttls[tool or "*"] = decision.ttl_s
+        if decision.offload:
+            self.offload(request)
         blocks = self._full_cached_blocks(block_ids, request.num_computed_tokens)
         pinned = decision.ttl_s > 0 and bool(blocks)
         program = self.programs.turn_finished(

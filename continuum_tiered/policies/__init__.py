@@ -6,19 +6,21 @@ import inspect
 
 from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
 from continuum_tiered.policies.continuum import ContinuumPolicy
+from continuum_tiered.policies.infercept import InferCeptPolicy
 from continuum_tiered.policies.static_ttl import NoRetentionPolicy, StaticTTLPolicy
 from continuum_tiered.profile import TierProfile
 
 DEFAULT_POLICY = "continuum"
 
 POLICIES: dict[str, type[RetentionPolicy]] = {
-    cls.name: cls for cls in (ContinuumPolicy, StaticTTLPolicy, NoRetentionPolicy)
+    cls.name: cls for cls in (ContinuumPolicy, StaticTTLPolicy, NoRetentionPolicy, InferCeptPolicy)
 }
 
 __all__ = [
     "DEFAULT_POLICY",
     "POLICIES",
     "ContinuumPolicy",
+    "InferCeptPolicy",
     "NoRetentionPolicy",
     "RetentionPolicy",
     "StaticTTLPolicy",

@@ -200,47 +200,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def measure(job: ProfileJob) -> tuple[TierProfile, Measurements]:
-    kv = job.shape.kv_bytes_per_token
-    block = BLOCK_TOKENS[job.device]
-    series: list[Series] = []
-    notes = [load_note()]
-    if any(t.name == "cpu" for t in job.tiers):
-        top = max_transfer_tokens(kv, block, job.max_tokens, _copy_budget(job.device))
-        result = transfers.measure_transfers(
-            job.device,
-            [n * kv for n in transfer_tokens(block, top, job.plan.size_step)],
-            job.plan.transfer_repeats,
-        )
-        series += result.series
-        notes += result.notes
-    for tier in job.tiers:
-        if tier.directory is not None:
-            budget = min(disk.disk_budget_bytes(tier.directory), available_host_bytes() / 4)
-            top = max_transfer_tokens(kv, block, job.max_tokens, budget)
-            result = disk.measure_disk(
-                tier.directory,
-                [n * kv for n in transfer_tokens(block, top, job.plan.size_step)],
-                job.plan.disk_repeats,
-            )
-            series += result.series
-            notes += result.notes
-
-    model = compute.build_model(job.hf_config, job.dtype, job.device)
-    longest = min(
-        compute.max_context(job.hf_config) or MAX_CONTEXT_TOKENS,
-        job.max_tokens or MAX_CONTEXT_TOKENS,
-    )
-    lengths = compute.prefill_lengths(longest, job.plan.prefill_points)
-    prefill = compute.measure_prefill(model, lengths, job.plan.prefill_repeats, job.device)
-    grid = compute.decode_grid(
-        job.plan.decode_batches,
-        compute.spread(list(prefill.lengths), job.plan.decode_contexts),
-        kv,
-        _kv_budget(job.device),
-    )
-    decode = compute.measure_decode(model, job.shape, grid, job.plan.decode_repeats, job.device)
-    del model
-
+    series, notes = _measure_tiers(job)
+    prefill, decode = _measure_compute(job)
     tier_series = {
         t.name: max(
             (s for s in series if s.tier == t.name and s.reload),
@@ -260,6 +221,47 @@ def measure(job: ProfileJob) -> tuple[TierProfile, Measurements]:
     )
     # What we write must load: run the reader's checks now, not when a server starts.
     return TierProfile.from_json(profile.to_json(), job.shape, job.device), measurements
+
+
+def _measure_tiers(job: ProfileJob) -> tuple[list[Series], list[str]]:
+    kv = job.shape.kv_bytes_per_token
+    block = BLOCK_TOKENS[job.device]
+
+    def sizes(budget_bytes: float) -> list[int]:
+        top = max_transfer_tokens(kv, block, job.max_tokens, budget_bytes)
+        return [n * kv for n in transfer_tokens(block, top, job.plan.size_step)]
+
+    series: list[Series] = []
+    notes = [load_note()]
+    for tier in job.tiers:
+        if tier.directory is None:
+            result = transfers.measure_transfers(
+                job.device, sizes(_copy_budget(job.device)), job.plan.transfer_repeats
+            )
+        else:
+            budget = min(disk.disk_budget_bytes(tier.directory), available_host_bytes() / 4)
+            result = disk.measure_disk(tier.directory, sizes(budget), job.plan.disk_repeats)
+        series += result.series
+        notes += result.notes
+    return series, notes
+
+
+def _measure_compute(job: ProfileJob) -> tuple[compute.PrefillResult, compute.DecodeResult]:
+    model = compute.build_model(job.hf_config, job.dtype, job.device)
+    longest = min(
+        compute.max_context(job.hf_config) or MAX_CONTEXT_TOKENS,
+        job.max_tokens or MAX_CONTEXT_TOKENS,
+    )
+    lengths = compute.prefill_lengths(longest, job.plan.prefill_points)
+    prefill = compute.measure_prefill(model, lengths, job.plan.prefill_repeats, job.device)
+    grid = compute.decode_grid(
+        job.plan.decode_batches,
+        compute.spread(list(prefill.lengths), job.plan.decode_contexts),
+        job.shape.kv_bytes_per_token,
+        _kv_budget(job.device),
+    )
+    decode = compute.measure_decode(model, job.shape, grid, job.plan.decode_repeats, job.device)
+    return prefill, decode
 
 
 def _copy_budget(device: str) -> float:

@@ -42,7 +42,7 @@ def _measure_host(sizes: list[int], repeats: int) -> TransferResult:
     series = Series("cpu", "host memcpy", True, tuple(sizes), tuple(times), ("torch",) * len(sizes))
     notes = [
         "cpu tier: the KV pool of the CPU build is host memory, so a reload is a memcpy "
-        f"between two host tensors (torch, {torch.get_num_threads()} threads)"
+        f"between two host tensors (torch, {torch.get_num_threads()} thread(s))"
     ]
     return TransferResult([series], notes)
 

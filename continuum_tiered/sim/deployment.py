@@ -55,6 +55,9 @@ class Deployment:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     activation_reserve_bytes: float = 4e9  # activations and CUDA graphs, vLLM's profile run
+    # LMCache tiers of the peers that have them: host DRAM and local NVMe set aside for KV.
+    cpu_tier_bytes: float = 100e9
+    disk_tier_bytes: float = 1e12
 
     def hf_config(self) -> dict:
         try:

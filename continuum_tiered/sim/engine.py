@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
+from continuum_tiered.connectors.continuum import ContinuumConnector
 from continuum_tiered.hints import ProgramHints
+from continuum_tiered.sim.lmcache_model import SimLMCacheConnector
 from continuum_tiered.sim.scheduler_driver import SchedulerDriver
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
@@ -80,9 +82,14 @@ class VirtualEngine:
         self._by_request: dict[str, ProgramRun] = {}
         self._requests: dict[str, Request] = {}
         self._waiting_since: dict[str, float] = {}
-        for connector in self._connectors():
-            if hasattr(connector, "clock"):
-                connector.clock = lambda: self.now
+        connectors = self._connectors()
+        pins = next((c for c in connectors if isinstance(c, ContinuumConnector)), None)
+        self._lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
+        if pins is not None:
+            pins.clock = lambda: self.now
+            if self._lmcache is not None:
+                pins.residency = self._lmcache.tier_after_release
+                pins.offload = self._lmcache.offload
 
     def _connectors(self) -> list:
         connector = self.scheduler.connector
@@ -168,9 +175,8 @@ class VirtualEngine:
             else:
                 prefill.append((offset, n))
         seconds = self.step_time.step_s(prefill, decode)
-        for connector in self._connectors():
-            if hasattr(connector, "take_transfer_seconds"):
-                seconds += connector.take_transfer_seconds()
+        if self._lmcache is not None:
+            seconds += self._lmcache.take_transfer_seconds()
         for rid in out.num_scheduled_tokens:
             self._by_request[rid].attained_s += seconds
         return seconds

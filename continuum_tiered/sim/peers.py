@@ -3,9 +3,12 @@
 | name | queue order | KV across a tool call |
 |---|---|---|
 | ``vllm`` | request FCFS | freed on finish (LRU prefix cache) |
+| ``vllm+lmcache`` | request FCFS | freed on finish; LMCache CPU/disk tiers write-through |
+| ``infercept`` | request FCFS | per call: preserve, swap to CPU or discard, least waste |
 | ``autellix`` | program-level least attained service (PLAS) | freed on finish |
 | ``static-ttl`` | program FCFS | pinned 2 s (Continuum's public code) |
 | ``continuum`` | program FCFS | pinned for the cost-model TTL (our connector) |
+| ``tiered`` | program FCFS | cost-model TTL priced at the LMCache tier that will hold the KV |
 | ``oracle`` | program FCFS | never lost: GPU KV large enough for every program |
 
 Autellix's priority is the program's attained service when the request arrives (vLLM
@@ -17,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from continuum_tiered.plugin import CONNECTOR_NAME
 from continuum_tiered.sim.engine import EngineHooks, ProgramRun
 
 
@@ -29,15 +31,7 @@ def _least_attained_service(run: ProgramRun) -> int:
     return int(run.attained_s * 1e6)
 
 
-def _connector(policy: str, **options: Any) -> dict[str, Any]:
-    extra: dict[str, Any] = {"policy": policy}
-    if options:
-        extra["policy_options"] = options
-    return {
-        "kv_connector": CONNECTOR_NAME,
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": extra,
-    }
+PROGRAM_FCFS = EngineHooks(priority=_program_fcfs, send_hints=True)
 
 
 @dataclass(frozen=True)
@@ -45,21 +39,25 @@ class Peer:
     name: str
     scheduling_policy: str = "fcfs"
     hooks: EngineHooks = field(default_factory=EngineHooks)
-    kv_transfer_config: dict[str, Any] | None = None
+    pin_policy: str | None = None  # ContinuumConnector's retention policy, if it has pins
+    pin_options: dict[str, Any] = field(default_factory=dict)
+    lmcache: bool = False
+    lmcache_write_through: bool = True  # False: only what the pin policy offloads is stored
     unlimited_kv: bool = False
-
-    def with_profile(self, profile_path: str | None) -> dict[str, Any] | None:
-        """The connector config, pointed at the tier profile the replay uses."""
-        if self.kv_transfer_config is None or profile_path is None:
-            return self.kv_transfer_config
-        extra = {**self.kv_transfer_config["kv_connector_extra_config"], "profile": profile_path}
-        return {**self.kv_transfer_config, "kv_connector_extra_config": extra}
 
 
 PEERS: dict[str, Peer] = {
     peer.name: peer
     for peer in (
         Peer("vllm"),
+        Peer("vllm+lmcache", lmcache=True),
+        Peer(
+            "infercept",
+            hooks=EngineHooks(send_hints=True),
+            pin_policy="infercept",
+            lmcache=True,
+            lmcache_write_through=False,
+        ),
         Peer(
             "autellix",
             scheduling_policy="priority",
@@ -68,14 +66,17 @@ PEERS: dict[str, Peer] = {
         Peer(
             "static-ttl",
             scheduling_policy="priority",
-            hooks=EngineHooks(priority=_program_fcfs, send_hints=True),
-            kv_transfer_config=_connector("static-ttl", ttl_s=2.0),
+            hooks=PROGRAM_FCFS,
+            pin_policy="static-ttl",
+            pin_options={"ttl_s": 2.0},
         ),
+        Peer("continuum", scheduling_policy="priority", hooks=PROGRAM_FCFS, pin_policy="continuum"),
         Peer(
-            "continuum",
+            "tiered",
             scheduling_policy="priority",
-            hooks=EngineHooks(priority=_program_fcfs, send_hints=True),
-            kv_transfer_config=_connector("continuum"),
+            hooks=PROGRAM_FCFS,
+            pin_policy="continuum",
+            lmcache=True,
         ),
         Peer(
             "oracle",

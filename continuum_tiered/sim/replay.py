@@ -7,13 +7,18 @@ import tempfile
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from vllm.config import VllmConfig
 
+from continuum_tiered.plugin import CONNECTOR_NAME
 from continuum_tiered.profile import ModelShape, TierProfile, load_named_profile
 from continuum_tiered.roofline import estimated_profile
 from continuum_tiered.sim.deployment import Deployment
 from continuum_tiered.sim.engine import ProgramRun, VirtualEngine
+from continuum_tiered.sim.lmcache_model import CONNECTOR_NAME as LMCACHE_CONNECTOR
+from continuum_tiered.sim.lmcache_model import TIER_ORDER
+from continuum_tiered.sim.lmcache_model import register as register_lmcache_model
 from continuum_tiered.sim.peers import Peer
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
 from continuum_tiered.sim.step_time import StepTimeModel
@@ -96,13 +101,49 @@ def unlimited_blocks(deployment: Deployment, programs: list[TraceProgram]) -> in
     return sum(per_program) + deployment.max_num_seqs
 
 
+def connector_config(peer: Peer, setup: ReplaySetup) -> dict[str, Any] | None:
+    """The peer's KV connectors as a deployment would configure them."""
+    configs: list[dict[str, Any]] = []
+    if peer.lmcache:
+        d, profile = setup.deployment, setup.profile()
+        missing = [t for t in TIER_ORDER if t not in profile.tiers]
+        if missing:
+            raise ValueError(
+                f"policy {peer.name} needs the profile's {' and '.join(missing)} tier(s); "
+                f"the profile has {sorted(profile.tiers) or 'none'}"
+            )
+        tiers = {
+            t: [profile.tiers[t].bandwidth_bytes_per_s, profile.tiers[t].latency_s]
+            for t in TIER_ORDER
+        }
+        extra = {
+            "cpu_bytes": d.cpu_tier_bytes,
+            "disk_bytes": d.disk_tier_bytes,
+            "kv_bytes_per_token": d.kv_bytes_per_token(),
+            "tiers": tiers,
+            "write_through": peer.lmcache_write_through,
+        }
+        configs.append(_kv(LMCACHE_CONNECTOR, extra))
+    if peer.pin_policy is not None:
+        extra = {"policy": peer.pin_policy, "device": "cuda"}
+        if peer.pin_options:
+            extra["policy_options"] = dict(peer.pin_options)
+        if setup.profile_ref is not None:
+            extra["profile"] = setup.profile_ref
+        configs.append(_kv(CONNECTOR_NAME, extra))
+    if len(configs) <= 1:
+        return configs[0] if configs else None
+    # LMCache first: it stores a finished turn before the pin policy asks where it is.
+    return _kv("MultiConnector", {"connectors": configs})
+
+
+def _kv(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"kv_connector": name, "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
 def driver_config(peer: Peer, setup: ReplaySetup, programs: list[TraceProgram]) -> DriverConfig:
     d = setup.deployment
     num_blocks = unlimited_blocks(d, programs) if peer.unlimited_kv else d.num_gpu_blocks()
-    kv = peer.with_profile(setup.profile_ref)
-    if kv is not None:
-        extra = {**kv["kv_connector_extra_config"], "device": "cuda"}
-        kv = {**kv, "kv_connector_extra_config": extra}
     return DriverConfig(
         model_dir=setup.model_dir,
         num_blocks=num_blocks,
@@ -111,7 +152,7 @@ def driver_config(peer: Peer, setup: ReplaySetup, programs: list[TraceProgram]) 
         max_num_batched_tokens=d.max_num_batched_tokens,
         max_num_seqs=d.max_num_seqs,
         scheduling_policy=peer.scheduling_policy,
-        kv_transfer_config=kv,
+        kv_transfer_config=connector_config(peer, setup),
     )
 
 
@@ -125,6 +166,7 @@ def replay(
     jps: float,
     on_program_done=lambda: None,
 ) -> tuple[RunSummary, list[ProgramRun]]:
+    register_lmcache_model()
     cfg = driver_config(peer, setup, programs)
     key = repr(cfg)
     if key not in _VLLM_CONFIGS:  # building one takes seconds; loads reuse it

@@ -1,0 +1,268 @@
+"""The profile command: an end-to-end run on the tiny model, fits, grids and bad inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from continuum_tiered.cli import main
+from continuum_tiered.profile import ModelShape, ProfileError, TierProfile
+from continuum_tiered.profiling import cli as profiling_cli
+from continuum_tiered.profiling import compute, disk
+from continuum_tiered.profiling.measure import (
+    ProfilingError,
+    Series,
+    fit_link,
+    max_transfer_tokens,
+    transfer_tokens,
+)
+from continuum_tiered.profiling.report import Measurements, fit_errors
+
+# Every prefill and decode point within 25% of its fitted curve: three coefficients over
+# four points leave little room for misfit, so what is left is timing noise on a shared
+# machine. A tier is checked at its largest transfer only, with the same 25%: small
+# copies run from CPU caches, faster than the bandwidth that matters for whole contexts.
+FIT_TOLERANCE = 0.25
+
+
+@dataclass(frozen=True)
+class Run:
+    out: Path
+    stdout: str
+    profile: TierProfile
+    measurements: Measurements
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """One --quick profile of the tiny model through the real entry point."""
+    tmp = tmp_path_factory.mktemp("profile")
+    (tmp / "disk").mkdir()
+    captured: list[tuple[TierProfile, Measurements]] = []
+
+    def spy(job: profiling_cli.ProfileJob) -> tuple[TierProfile, Measurements]:
+        captured.append(measure(job))
+        return captured[-1]
+
+    measure = profiling_cli.measure
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine, two threads wait on each other
+    stdout = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+            mp.setattr(profiling_cli, "measure", spy)
+            argv = ["profile", "--model", str(tiny_model_dir), "--device", "cpu", "--quick"]
+            argv += ["--tiers", f"cpu,disk:{tmp / 'disk'}", "--out", str(tmp / "p.json")]
+            assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (profile, measurements) = captured[0]
+    yield Run(tmp / "p.json", stdout.getvalue(), profile, measurements)
+
+
+def tiny_shape(model_dir: Path) -> ModelShape:
+    return ModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+
+
+def test_profile_loads_back_for_its_model_and_device(run: Run, tiny_model_dir: Path) -> None:
+    profile = TierProfile.load(
+        run.out, expect_model=tiny_shape(tiny_model_dir), expect_device="cpu"
+    )
+    assert profile == run.profile
+    assert set(profile.tiers) == {"cpu", "disk"}
+    assert profile.model.kv_bytes_per_token == 2 * 2 * 1 * 64 * 2
+    assert profile.decode_coeffs is not None
+    assert profile.decode_step_time(8, 4096) > profile.decode_step_time(1, 4096) > 0
+    assert profile.prefill_time(8192) > profile.prefill_time(1024) > 0
+    assert f"--out {run.out}" in profile.source
+    assert "posix_fadvise" in profile.source
+    with pytest.raises(ProfileError, match="measured on device 'cpu'"):
+        TierProfile.load(run.out, expect_device="cuda")
+    assert run.out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_table(run: Run) -> None:
+    for heading in ("transfer", "profile tier", "prefill tokens", "decode batch", "wrote"):
+        assert heading in run.stdout
+    assert "largest fit error" in run.stdout
+
+
+def test_fits_reproduce_the_measured_points(run: Run) -> None:
+    errors = fit_errors(run.profile, run.measurements)
+    assert errors["prefill"] <= FIT_TOLERANCE, errors
+    assert errors["decode"] <= FIT_TOLERANCE, errors
+    for name, series in run.measurements.tier_series.items():
+        fitted = run.profile.tiers[name].transfer_time(series.sizes[-1])
+        assert fitted == pytest.approx(series.seconds[-1], rel=FIT_TOLERANCE)
+
+
+def test_measured_grid(run: Run) -> None:
+    m = run.measurements
+    assert m.prefill.lengths == (1024, 2048, 4096, 8192)  # up to max_position_embeddings
+    assert {(b, c) for b, c, _ in m.decode.points} == {(1, 1024), (1, 8192), (8, 1024), (8, 8192)}
+    # 32-token block of 512-byte tokens up to a 128k-token context, 16x apart.
+    sizes = tuple(n * 512 for n in (32, 512, 8192, 131072))
+    assert [s.sizes for s in m.series] == [sizes] * 3
+    assert [(s.tier, s.reload) for s in m.series] == [
+        ("cpu", True),
+        ("disk", True),
+        ("disk", False),
+    ]
+
+
+# --- grids and fits, without measuring ---------------------------------------------------
+
+
+def test_prefill_lengths() -> None:
+    assert compute.prefill_lengths(8192, None) == [1024, 2048, 4096, 8192]
+    assert compute.prefill_lengths(3000, None) == [512, 1024, 2048]
+    assert compute.prefill_lengths(100, None) == [25, 50, 100]
+    assert compute.prefill_lengths(131072, 4) == [1024, 4096, 32768, 131072]
+
+
+def test_transfer_sizes() -> None:
+    assert transfer_tokens(32, 131072, 16) == [32, 512, 8192, 131072]
+    assert transfer_tokens(16, 100, 4) == [16, 64, 100]
+    assert max_transfer_tokens(512, 32, None, 1e12) == 131072
+    assert max_transfer_tokens(512, 32, 2000, 1e12) == 1984  # whole blocks
+    assert max_transfer_tokens(512, 32, None, 512 * 1000) == 992
+    with pytest.raises(ProfilingError, match="less than one 32-token KV block"):
+        max_transfer_tokens(512, 32, None, 512 * 31)
+
+
+def test_fit_link_recovers_latency_and_bandwidth() -> None:
+    latency, bandwidth = 20e-6, 25e9
+    sizes = tuple(2**k for k in range(14, 35, 2))
+    seconds = tuple(latency + n / bandwidth for n in sizes)
+    tier = fit_link("cpu", Series("cpu", "x", True, sizes, seconds, ("torch",) * len(sizes)))
+    assert tier.bandwidth_bytes_per_s == pytest.approx(bandwidth, rel=1e-4)
+    assert tier.latency_s == pytest.approx(latency, rel=1e-3)
+
+
+def test_fit_decode_recovers_coefficients() -> None:
+    d = (0.004, 2e-4, 3e-9)
+    points = [(b, c, d[0] + d[1] * b + d[2] * b * c) for b in (1, 4, 16) for c in (1024, 8192)]
+    assert compute.fit_decode(points) == pytest.approx(d, rel=1e-6)
+
+
+def test_fits_never_go_negative() -> None:
+    # Decode time falling with batch size: least squares would make d1 negative.
+    points = [(1, 1000, 0.010), (8, 1000, 0.009), (1, 8000, 0.011), (8, 8000, 0.0095)]
+    assert min(compute.fit_decode(points)) >= 0
+    # A concave prefill curve: fit_quadratic gives c2 < 0; the fallback keeps all >= 0.
+    lengths = [1024, 2048, 4096, 8192]
+    seconds = [0.10, 0.19, 0.35, 0.60]
+    coeffs, method = compute.fit_prefill(lengths, seconds)
+    assert min(coeffs) >= 0
+    assert method.startswith("nonnegative least squares")
+    assert compute.fit_prefill(lengths, [0.1 + 1e-5 * n for n in lengths])[1] == (
+        "least squares (fit_quadratic)"
+    )
+
+
+def test_nonnegative_lstsq_is_exact_when_unconstrained_is_feasible() -> None:
+    design = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    assert compute.nonnegative_lstsq(design, [1.0, 3.0, 5.0]) == pytest.approx((1.0, 2.0))
+    assert compute.nonnegative_lstsq(design, [5.0, 3.0, 1.0]) == pytest.approx((3.0, 0.0))
+
+
+def test_disk_measurement(tmp_path: Path) -> None:
+    result = disk.measure_disk(tmp_path, [4096, 1 << 20], repeats=1)
+    assert [(s.label, s.sizes) for s in result.series] == [
+        ("disk read", (4096, 1 << 20)),
+        ("disk write + fsync", (4096, 1 << 20)),
+    ]
+    assert all(t > 0 for s in result.series for t in s.seconds)
+    assert "posix_fadvise" in result.notes[0]
+    assert list(tmp_path.iterdir()) == []  # the files are gone
+
+
+# --- bad inputs: exit code 2 and a message naming the problem ----------------------------
+
+
+@pytest.fixture
+def args(tiny_model_dir: Path) -> list[str]:
+    return ["profile", "--model", str(tiny_model_dir), "--device", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--model", "/nonexistent/model"], r"no model config at /nonexistent/model"),
+        (["--out", "/nonexistent/dir/p.json"], r"directory /nonexistent/dir does not exist"),
+        (["--tiers", "cpu,nvme"], r"unknown tier 'nvme'; known tiers: cpu, disk"),
+        (["--tiers", "disk"], r"disk tier needs a directory"),
+        (["--tiers", "disk:/nonexistent"], r"/nonexistent does not exist or is not a directory"),
+        (["--tiers", "cpu,cpu"], r"'cpu' given twice"),
+        (["--max-tokens", "8"], r"--max-tokens must be at least 64"),
+    ],
+)
+def test_bad_inputs(
+    args: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: list[str],
+    message: str,
+) -> None:
+    argv = [*args, "--out", str(tmp_path / "p.json"), *change]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("continuum-tiered profile: error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_bad_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = ["--device", "cpu", "--out", str(tmp_path / "p.json")]
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "shapeless.json").write_text(json.dumps({"model_type": "llama"}))
+    config = {"model_type": "no-such-model", "num_hidden_layers": 2}
+    config |= {"num_attention_heads": 2, "hidden_size": 128}
+    (tmp_path / "unknown.json").write_text(json.dumps(config))
+    for name, message in [
+        ("broken.json", "cannot read .*broken.json as JSON"),
+        ("shapeless.json", "shapeless.json: HF config is missing 'num_attention_heads'"),
+        ("unknown.json", "transformers cannot read this config"),
+    ]:
+        assert main(["profile", "--model", str(tmp_path / name), *out]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+
+
+def test_unwritable_output(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    assert main([*args, "--out", str(tmp_path / "file" / "p.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["profile", "--model", str(tiny_model_dir), "--device", "cuda"]
+    assert main([*argv, "--out", str(tmp_path / "p.json")]) == 2
+    assert "--device cuda: torch" in capsys.readouterr().err
+
+
+def test_exit_code_from_the_command_line(tmp_path: Path) -> None:
+    argv = ["profile", "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "p")]
+    done = subprocess.run(
+        [sys.executable, "-m", "continuum_tiered.cli", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert f"no model config at {tmp_path / 'config.json'}" in done.stderr
