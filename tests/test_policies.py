@@ -30,11 +30,11 @@ def _turn(tool: str | None = "ls", tokens: int = 3000, tier: str | None = None, 
 
 
 def test_registry() -> None:
-    assert set(POLICIES) == {"continuum", "static-ttl", "none"}
+    assert set(POLICIES) == {"continuum", "static-ttl", "none", "infercept"}
     assert all(cls.name == name for name, cls in POLICIES.items())
 
 
-@pytest.mark.parametrize("name", ["continuum", "static-ttl", "none"])
+@pytest.mark.parametrize("name", ["continuum", "static-ttl", "none", "infercept"])
 def test_last_turn_is_never_pinned(name: str) -> None:
     policy = make_policy(name, PROFILE)
     assert policy.decide(_turn(last=True)) == TTLDecision(0.0, 0.0, "last-turn")
@@ -99,7 +99,7 @@ def test_continuum_exposes_its_estimators() -> None:
 
 
 def test_make_policy_errors() -> None:
-    with pytest.raises(ValueError, match="continuum, none, static-ttl"):
+    with pytest.raises(ValueError, match="continuum, infercept, none, static-ttl"):
         make_policy("lru", PROFILE)
     with pytest.raises(ValueError, match=r"ttl\b.*valid: ttl_s"):
         make_policy("static-ttl", PROFILE, ttl=3.0)
@@ -124,3 +124,30 @@ def test_base_observers_are_no_ops() -> None:
     policy.observe_queue_delay(1.0)
     policy.observe_program_finished(3)
     assert policy.decide(_turn()) == TTLDecision(1.0, 0.0, "static")
+
+
+def test_infercept_picks_the_least_memory_time_waste() -> None:
+    """PROFILE: prefill 1 ms/token, CPU reload 0.1 ms/token (1000 B/token at 10 MB/s)."""
+    policy = make_policy("infercept", PROFILE, default_duration_s=0.05)
+    # 3000 tokens: preserve 3000*0.05 < swap 3000*2*0.3 < discard 3000*3.0
+    short = policy.decide(_turn(tokens=3000))
+    assert (short.source, short.offload, short.ttl_s) == ("preserve", False, 3600.0)
+    for _ in range(5):
+        policy.observe_tool_duration("pytest", 30.0)
+    # A 30 s tool: swap (0.6 s of copies) wastes less than preserving for 30 s.
+    long = policy.decide(_turn(tool="pytest", tokens=3000))
+    assert (long.source, long.offload, long.ttl_s) == ("swap", True, 0.0)
+
+
+def test_infercept_discards_small_contexts_when_recompute_beats_copies() -> None:
+    fast_prefill = TierProfile(
+        version=PROFILE_VERSION,
+        model=PROFILE.model,
+        device="cpu",
+        tiers=PROFILE.tiers,
+        prefill_coeffs=(0.0, 1e-5, 0.0),
+        source="unit test",
+    )
+    policy = make_policy("infercept", fast_prefill, default_duration_s=10.0)
+    decision = policy.decide(_turn(tokens=100))
+    assert (decision.source, decision.offload, decision.ttl_s) == ("discard", False, 0.0)
