@@ -259,6 +259,16 @@ def test_cuda_without_gpu(
     assert "--device cuda: torch" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_profile(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    argv = ["profile", "--model", str(tiny_model_dir), "--device", "cuda", "--quick"]
+    assert main([*argv, "--out", str(out)]) == 0
+    profile = TierProfile.load(out, expect_model=tiny_shape(tiny_model_dir), expect_device="cuda")
+    assert profile.tiers["cpu"].bandwidth_bytes_per_s > 1e9  # PCIe or better
+    assert "pinned allocation" in profile.source
+
+
 def test_exit_code_from_the_command_line(tmp_path: Path) -> None:
     argv = ["profile", "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "p")]
     done = subprocess.run(

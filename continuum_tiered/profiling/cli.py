@@ -274,6 +274,7 @@ def _copy_budget(device: str) -> float:
 def _kv_budget(device: str) -> float:
     """Room for one decode point's random KV cache, with the model already loaded."""
     if device == "cuda":
+        torch.cuda.empty_cache()  # what prefill left in torch's cache is free for this
         return torch.cuda.mem_get_info()[0] / 2
     return available_host_bytes() / 2
 

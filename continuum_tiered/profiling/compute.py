@@ -7,6 +7,7 @@ keeps the logits of the last token only, as a serving engine does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,5 +216,5 @@ def _coeffs_text(coeffs: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{c:.3g}" for c in coeffs) + ")"
 
 
-def _sync(device: str):
+def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else lambda: None

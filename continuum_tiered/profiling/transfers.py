@@ -28,9 +28,15 @@ class TransferResult:
 
 
 def measure_transfers(device: str, sizes: list[int], repeats: int) -> TransferResult:
-    if device == "cuda":
-        return _measure_cuda(sizes, repeats)
-    return _measure_host(sizes, repeats)
+    if device == "cpu":
+        return _measure_host(sizes, repeats)
+    result = _measure_cuda(sizes, repeats)
+    # Give the buffers back (torch's and CuPy's caches would keep them) before the model loads.
+    torch.cuda.empty_cache()
+    cupy = _import_cupy()
+    if cupy is not None:
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
+    return result
 
 
 def _measure_host(sizes: list[int], repeats: int) -> TransferResult:
