@@ -45,7 +45,6 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep vLLM's INFO lines o
 
 from tqdm import tqdm
 from vllm.config import VllmConfig
-from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
 from continuum_tiered.hints import ProgramHints
@@ -216,17 +215,7 @@ def run_side(
         t1 = time.perf_counter()
 
         running = len(scheduler.running)
-        req_ids = list(out.num_scheduled_tokens)
-        sampled: list[list[int]] = []
-        for rid in req_ids:
-            request = scheduler.requests[rid]
-            done_prompt = request.num_computed_tokens >= request.num_tokens
-            sampled.append([next_token(request)] if done_prompt else [])
-        runner_out = ModelRunnerOutput(
-            req_ids=req_ids,
-            req_id_to_index={rid: j for j, rid in enumerate(req_ids)},
-            sampled_token_ids=sampled,
-        )
+        runner_out = driver.runner_output(out, next_token)
 
         t2 = time.perf_counter()
         engine_outputs = scheduler.update_from_output(out, runner_out)

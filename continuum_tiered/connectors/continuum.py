@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
@@ -32,6 +30,7 @@ from vllm.v1.request import RequestStatus
 
 from continuum_tiered.connectors.config import ConnectorOptions
 from continuum_tiered.connectors.reply_tools import ReplyToolParser
+from continuum_tiered.connectors.scheduler_only import SchedulerOnlyConnector
 from continuum_tiered.connectors.stats import ContinuumPromMetrics, ContinuumStats
 from continuum_tiered.hints import HintError, ProgramHints, parse_hints
 from continuum_tiered.pins import Pin, PinTable, ReleaseReason
@@ -40,7 +39,6 @@ from continuum_tiered.programs import ProgramTable
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.forward_context import ForwardContext
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -53,12 +51,7 @@ logger = init_logger(__name__)
 _PINNABLE = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED})
 
 
-@dataclass
-class ContinuumConnectorMetadata(KVConnectorMetadata):
-    """Nothing crosses to the workers: pins live in the scheduler's block pool."""
-
-
-class ContinuumConnector(KVConnectorBase_V1):
+class ContinuumConnector(SchedulerOnlyConnector):
     def __init__(
         self,
         vllm_config: VllmConfig,
@@ -104,10 +97,6 @@ class ContinuumConnector(KVConnectorBase_V1):
         if self._pins is None:
             raise RuntimeError("ContinuumConnector used before the block pool was bound")
         return self._pins
-
-    @property
-    def requires_kv_delivery(self) -> bool:
-        return False
 
     # ------------------------------------------------------------- request flow
 
@@ -205,7 +194,7 @@ class ContinuumConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         for pin in self.pins.expire(self.clock(), self._has_waiting_request):
             self.programs.mark_evicted(pin.program_id)
-        return ContinuumConnectorMetadata()
+        return super().build_connector_meta(scheduler_output)
 
     def has_pending_block_frees(self) -> bool:
         """A running request cannot grow: free pins rather than preempt a running request."""
@@ -292,17 +281,3 @@ class ContinuumConnector(KVConnectorBase_V1):
         program = self.programs.end(program_id)
         if program is not None:
             self.policy.observe_program_finished(program.turns_served + 1)
-
-    # ------------------------------------------------- worker side: nothing to move
-
-    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        return
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        return
-
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any):
-        return
-
-    def wait_for_save(self) -> None:
-        return

@@ -14,7 +14,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
 from continuum_tiered.connectors.continuum import ContinuumConnector
@@ -181,21 +180,11 @@ class VirtualEngine:
             self._by_request[rid].attained_s += seconds
         return seconds
 
+    def _next_token(self, request: Request) -> int:
+        return 3 + (request.num_tokens * 7919) % (self.vocab_size - 3)
+
     def _feed_back(self, out) -> list[str]:
-        requests = self.scheduler.requests
-        req_ids = list(out.num_scheduled_tokens)
-        sampled = []
-        for rid in req_ids:
-            request: Request = requests[rid]
-            done = request.num_computed_tokens >= request.num_tokens
-            sampled.append(
-                [3 + (request.num_tokens * 7919) % (self.vocab_size - 3)] if done else []
-            )
-        runner_out = ModelRunnerOutput(
-            req_ids=req_ids,
-            req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
-            sampled_token_ids=sampled,
-        )
+        runner_out = self.driver.runner_output(out, self._next_token)
         engine_outputs = self.scheduler.update_from_output(out, runner_out)
         return [
             o.request_id

@@ -21,18 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+from continuum_tiered.connectors.scheduler_only import SchedulerOnlyConnector
 from continuum_tiered.profile import Tier
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
-    from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
@@ -101,12 +97,7 @@ class TierStore:
         return None
 
 
-@dataclass(frozen=True)
-class _Metadata(KVConnectorMetadata):
-    pass
-
-
-class SimLMCacheConnector(KVConnectorBase_V1):
+class SimLMCacheConnector(SchedulerOnlyConnector):
     """Scheduler side only; configured by ``kv_connector_extra_config``:
     ``cpu_bytes``, ``disk_bytes``, ``kv_bytes_per_token``, ``tiers``
     ({name: [bandwidth_bytes_per_s, latency_s]}) and ``write_through`` (default true;
@@ -128,10 +119,6 @@ class SimLMCacheConnector(KVConnectorBase_V1):
         self._planned: dict[str, tuple[int, list[str]]] = {}  # request -> (first block, tiers)
         self._transfer_s = 0.0
         self.loaded_tokens = dict.fromkeys(TIER_ORDER, 0)
-
-    @property
-    def requires_kv_delivery(self) -> bool:
-        return False
 
     def take_transfer_seconds(self) -> float:
         """Load time accumulated since the last call (the engine adds it to the step)."""
@@ -185,21 +172,6 @@ class SimLMCacheConnector(KVConnectorBase_V1):
     def tier_after_release(self, request: Request) -> str | None:
         """Where the request's KV will be found once vLLM drops it (write-through only)."""
         return self.store.tier_of_prefix(len(request.block_hashes)) if self.write_through else None
-
-    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return _Metadata()
-
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        return
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        return
-
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any):
-        return
-
-    def wait_for_save(self) -> None:
-        return
 
 
 def register() -> None:

@@ -162,10 +162,11 @@ class SchedulerDriver:
 
         return hasher
 
-    def step(self, next_token: Callable[[Request], int] = lambda _r: 7) -> StepResult:
-        """One engine step: schedule, then feed back one token per request that
-        finished its prompt this step (decode or last prefill chunk)."""
-        out = self.scheduler.schedule()
+    def runner_output(
+        self, out: SchedulerOutput, next_token: Callable[[Request], int]
+    ) -> ModelRunnerOutput:
+        """What the model would return for ``out``: one token for every request that
+        reached the end of its prompt (a decode or a last prefill chunk), none otherwise."""
         req_ids = list(out.num_scheduled_tokens)
         sampled: list[list[int]] = []
         for rid in req_ids:
@@ -173,12 +174,16 @@ class SchedulerDriver:
             request = self.scheduler.requests[rid]
             done_prompt = request.num_computed_tokens >= request.num_tokens
             sampled.append([next_token(request)] if done_prompt else [])
-        runner_out = ModelRunnerOutput(
+        return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
             sampled_token_ids=sampled,
         )
-        engine_outputs = self.scheduler.update_from_output(out, runner_out)
+
+    def step(self, next_token: Callable[[Request], int] = lambda _r: 7) -> StepResult:
+        """One engine step: schedule, then feed back the fake model's tokens."""
+        out = self.scheduler.schedule()
+        engine_outputs = self.scheduler.update_from_output(out, self.runner_output(out, next_token))
         return StepResult(out, engine_outputs)
 
 
