@@ -9,6 +9,7 @@ import pytest
 from continuum_tiered.cli import main
 from continuum_tiered.profile import PROFILE_VERSION, ModelShape, TierProfile
 from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.sim.lmcache_model import LRUTier, TierStore
 from continuum_tiered.sim.peers import PEERS
 from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
@@ -60,8 +61,24 @@ def test_oracle_is_never_slower_than_any_policy(contended_runs):
     oracle = contended_runs["oracle"]
     for name, summary in contended_runs.items():
         assert oracle.avg_jct_s <= summary.avg_jct_s * (1 + 1e-9), name
-    # The contention is real: plain vLLM loses prefixes the oracle keeps.
-    assert contended_runs["vllm"].prefix_hit_ratio < oracle.prefix_hit_ratio
+    # The contention is real: plain vLLM loses prefixes the oracle keeps, and the LMCache
+    # tiers bring most of them back.
+    vllm, lmcache = contended_runs["vllm"], contended_runs["vllm+lmcache"]
+    assert vllm.prefix_hit_ratio < lmcache.prefix_hit_ratio
+
+
+def test_tier_store_demotes_to_disk_and_promotes_on_a_hit():
+    store = TierStore(LRUTier(2), LRUTier(3))
+    for key in "abcd":
+        store.store(key)
+    assert store.lookup(list("abcd")) == ["disk", "disk", "cpu", "cpu"]
+    store.store("a")  # a disk hit is promoted, pushing the CPU tier's oldest down
+    assert store.lookup(["a", "c", "d"]) == ["cpu", "disk", "cpu"]
+    for key in "efgh":
+        store.store(key)
+    assert store.lookup(["b"]) == []  # fell off the disk tier
+    assert store.tier_of_prefix(2) == "cpu" and store.tier_of_prefix(5) == "disk"
+    assert store.tier_of_prefix(6) is None
 
 
 def test_the_same_seed_gives_identical_results(contended_runs):
