@@ -126,8 +126,8 @@ def test_measured_grid(run: Run) -> None:
 
 def test_prefill_lengths() -> None:
     assert compute.prefill_lengths(8192, None) == [1024, 2048, 4096, 8192]
-    assert compute.prefill_lengths(3000, None) == [512, 1024, 2048]
-    assert compute.prefill_lengths(100, None) == [25, 50, 100]
+    assert compute.prefill_lengths(3000, None) == [256, 512, 1024, 2048]
+    assert compute.prefill_lengths(100, None) == [12, 25, 50, 100]
     assert compute.prefill_lengths(131072, 4) == [1024, 4096, 32768, 131072]
 
 

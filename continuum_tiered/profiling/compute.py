@@ -22,6 +22,7 @@ from continuum_tiered.profiling.measure import ProfilingError, median_seconds
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FIRST_PREFILL_TOKENS = 1024
 MIN_PREFILL_POINTS = 3  # a quadratic needs three
+GRID_PREFILL_POINTS = 4  # one more, so that the fit's error on its own points means something
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def spread(values: list[int], count: int | None) -> list[int]:
 
 
 def prefill_lengths(max_tokens: int, count: int | None) -> list[int]:
-    """1k, 2k, 4k, ... up to ``max_tokens``, halved below 1k until there are three."""
+    """1k, 2k, 4k, ... up to ``max_tokens``, halved below 1k until there are four."""
     lengths = []
     n = FIRST_PREFILL_TOKENS
     while n <= max_tokens:
@@ -81,7 +82,7 @@ def prefill_lengths(max_tokens: int, count: int | None) -> list[int]:
         n *= 2
     if not lengths:
         lengths = [max_tokens]
-    while len(lengths) < MIN_PREFILL_POINTS:
+    while len(lengths) < GRID_PREFILL_POINTS:
         if lengths[0] < 2:
             raise ProfilingError(f"--max-tokens {max_tokens} is too small for a prefill curve")
         lengths.insert(0, lengths[0] // 2)
