@@ -1,0 +1,336 @@
+"""``continuum-tiered proxy``: program identity, body rewriting, and the proxy in front of a
+real ``continuum-tiered serve`` on the CPU build (one server for the module)."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import openai
+import pytest
+import uvicorn
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from continuum_tiered.cli import main
+from continuum_tiered.client import program_priority
+from continuum_tiered.proxy.app import ProxyOptions, add_program_fields, create_app
+from continuum_tiered.proxy.programs import ProgramRegistry, program_identity
+from continuum_tiered.server import (
+    BLOCK_SIZE,
+    ServerProcess,
+    free_port,
+    python_module_command,
+    tiny_engine_flags,
+)
+
+NUM_BLOCKS = 64
+HEADER = "X-Program-Id"
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    return random.Random(seed).choices(range(3, 500), k=n)
+
+
+# ----------------------------------------------------------------- identity and state
+
+
+def test_identity_is_the_header_then_user_then_the_session_header():
+    both = Headers({"x-program-id": "h", "session_id": "s1", "x-session-id": "s2"})
+    assert program_identity(both, {"user": "u"}, HEADER) == "h"
+    assert program_identity(Headers({"x-program-id": ""}), {"user": "u"}, HEADER) == "u"
+    assert program_identity(Headers({"session_id": "s1"}), {"user": 7}, HEADER) == "s1"
+    assert program_identity(Headers({"x-session-id": "s2"}), {}, HEADER) == "s2"
+    assert program_identity(Headers({"x-run": "r"}), {}, "X-Run") == "r"
+    assert program_identity(Headers({}), {"user": ""}, HEADER) is None
+
+
+def test_overlong_ids_become_distinct_valid_ids():
+    first = program_identity(Headers({}), {"user": "a" * 300}, HEADER)
+    second = program_identity(Headers({}), {"user": "a" * 299 + "b"}, HEADER)
+    assert first and second and first != second and len(first) == 64
+
+
+def test_registry_counts_turns_and_forgets_idle_and_finished_programs():
+    programs = ProgramRegistry(idle_timeout_s=10, max_programs=2)
+    assert programs.next_turn("a", 100.0) == (100.0, 0)
+    assert programs.next_turn("a", 105.0) == (100.0, 1)
+    assert programs.next_turn("b", 106.0) == (106.0, 0)
+    assert programs.next_turn("a", 114.0) == (100.0, 2)
+    assert programs.next_turn("c", 116.5) == (116.5, 0)
+    assert len(programs) == 2  # b, idle for 10.5 s, was forgotten
+    assert programs.next_turn("a", 130.0) == (130.0, 0)  # back after the idle timeout
+    assert programs.next_turn("a", 131.0, last_turn=True) == (130.0, 1)
+    assert programs.next_turn("a", 132.0) == (132.0, 0)  # after its last turn: a new program
+    programs.next_turn("b", 133.0)
+    programs.next_turn("c", 134.0)  # over the bound: a, the least recently seen, goes
+    assert len(programs) == 2 and programs.next_turn("a", 135.0) == (135.0, 0)
+
+
+# ---------------------------------------------------------------------- body rewriting
+
+
+def rewrite(body: object, headers: dict[str, str], programs: ProgramRegistry, now: float):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    out = add_program_fields(raw, Headers(headers), programs, HEADER, now)
+    return out if out is raw else json.loads(out)
+
+
+def test_rewrite_adds_the_programs_priority_and_hints_turn_by_turn():
+    programs = ProgramRegistry(idle_timeout_s=600)
+    body = {"model": "m", "prompt": "hi", "kv_transfer_params": {"lmcache.tag": "x"}}
+    first = rewrite(body, {HEADER: "A"}, programs, 1000.0)
+    second = rewrite(body, {HEADER: "A", "X-Program-Last-Turn": "True"}, programs, 1002.5)
+    assert first["priority"] == second["priority"] == program_priority(1000.0)
+    assert first["kv_transfer_params"] == {
+        "lmcache.tag": "x",
+        "continuum": {"program_id": "A", "turn": 0, "last_turn": False},
+    }
+    assert second["kv_transfer_params"]["continuum"] == {
+        "program_id": "A",
+        "turn": 1,
+        "last_turn": True,
+    }
+    assert first["prompt"] == "hi" and first["model"] == "m"
+
+
+def test_a_request_without_identity_is_a_one_turn_program_without_hints():
+    programs = ProgramRegistry(idle_timeout_s=600)
+    out = rewrite({"prompt": "hi"}, {}, programs, 1234.5678)
+    assert out == {"prompt": "hi", "priority": 1234567}
+    assert len(programs) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1, 2]",
+        {"prompt": "hi", "priority": 5},
+        {"prompt": "hi", "kv_transfer_params": {"continuum": {"program_id": "B", "turn": 3}}},
+        {"prompt": "hi", "kv_transfer_params": "oops"},
+    ],
+)
+def test_bodies_that_are_not_ours_to_change_are_forwarded_untouched(body):
+    programs = ProgramRegistry(idle_timeout_s=600)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    assert add_program_fields(raw, Headers({HEADER: "A"}), programs, HEADER, 1.0) is raw
+    assert len(programs) == 0
+
+
+def test_cli_rejects_a_bad_upstream(capsys):
+    assert main(["proxy", "--upstream", "localhost:8000"]) == 2
+    assert "--upstream expects http(s)://HOST[:PORT]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the proxy, running
+
+
+@contextmanager
+def serve_in_thread(app: ASGIApp, lifespan: str = "auto") -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a thread of this process; yields its URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class RunningProxy:
+    """``create_app`` served on a thread; records each completion body it sends upstream."""
+
+    def __init__(self, url: str, sent: list[dict[str, object]]) -> None:
+        self.url = url
+        self.sent = sent
+        self.client = httpx.Client(base_url=url, timeout=120)
+
+    @staticmethod
+    @contextmanager
+    def running(upstream: str) -> Iterator[RunningProxy]:
+        app = create_app(upstream, ProxyOptions(idle_timeout_s=600))
+        sent: list[dict[str, object]] = []
+
+        async def record(request: httpx.Request) -> None:
+            if request.url.path.endswith("completions"):
+                sent.append(json.loads(request.content))
+
+        app.routes[0].endpoint.client.event_hooks["request"].append(record)
+        with serve_in_thread(app) as url:
+            yield RunningProxy(url, sent)
+
+    def complete(self, prompt: list[int], headers: dict[str, str] | None = None, **body: object):
+        payload = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "ignore_eos": True}
+        payload |= {"temperature": 0.0, "return_token_ids": True, **body}
+        return self.client.post("/v1/completions", json=payload, headers=headers)
+
+    def metric(self, name: str) -> float:
+        """A counter of the upstream, read through the proxy's pass-through."""
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"metric {name} not exported")
+
+
+def plugin_command(model: Path) -> list[str]:
+    return python_module_command(
+        "continuum_tiered.cli",
+        "serve",
+        str(model),
+        "--policy",
+        "static-ttl",
+        "--policy-option",
+        "ttl_s=600",
+        *tiny_engine_flags(model, NUM_BLOCKS),
+    )
+
+
+@pytest.fixture(scope="module")
+def proxy(tiny_model_dir: Path, tmp_path_factory) -> Iterator[RunningProxy]:
+    log = tmp_path_factory.mktemp("proxy-upstream") / "plugin.log"
+    upstream = ServerProcess(plugin_command(tiny_model_dir), log)
+    with upstream, RunningProxy.running(upstream.url) as running:
+        yield running
+
+
+def test_pass_through_of_other_paths(proxy):
+    assert proxy.client.get("/health").status_code == 200
+    models = proxy.client.get("/v1/models")
+    assert models.status_code == 200
+    assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+
+
+def test_streamed_text_equals_the_non_streamed_text(proxy):
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="EMPTY", max_retries=0)
+    request = {
+        "model": "tiny",
+        "prompt": tokens(5, 100),
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "extra_body": {"ignore_eos": True},
+    }
+    whole = client.completions.create(**request).choices[0].text
+    chunks = [
+        c.choices[0].text for c in client.completions.create(stream=True, **request) if c.choices
+    ]
+    assert len(chunks) >= 12  # one event per token at least: relayed as they came
+    assert "".join(chunks) == whole
+
+
+def test_a_programs_second_turn_gets_its_prefix_from_the_pin(proxy):
+    handovers = proxy.metric("vllm:continuum_pin_handovers_total")
+    headers = {HEADER: "agent-A"}
+    first_prompt = tokens(1, 20 * BLOCK_SIZE)
+    first = proxy.complete(first_prompt, headers)
+    assert first.status_code == 200, first.text
+    output = first.json()["choices"][0]["token_ids"]
+    second = proxy.complete([*first_prompt, *output, *tokens(2, 50)], headers)
+    assert second.status_code == 200, second.text
+
+    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 20 * BLOCK_SIZE
+    hints = [body["kv_transfer_params"]["continuum"] for body in proxy.sent[-2:]]
+    assert [(h["program_id"], h["turn"], h["last_turn"]) for h in hints] == [
+        ("agent-A", 0, False),
+        ("agent-A", 1, False),
+    ]
+    priorities = {body["priority"] for body in proxy.sent[-2:]}
+    assert len(priorities) == 1 and priorities.pop() > 0  # the real server took it
+    deadline = time.monotonic() + 5  # the API process gets the engine's stats each step
+    while proxy.metric("vllm:continuum_pin_handovers_total") < handovers + 1:
+        assert time.monotonic() < deadline, "no pin hand-over counted"
+        time.sleep(0.1)
+
+
+def test_a_request_without_identity_is_forwarded_without_hints(proxy):
+    before = time.time()
+    response = proxy.complete(tokens(3, 64))
+    assert response.status_code == 200, response.text
+    sent = proxy.sent[-1]
+    assert "kv_transfer_params" not in sent
+    assert program_priority(before) <= sent["priority"] <= program_priority(time.time())
+
+
+def test_upstream_errors_pass_through_with_their_status_and_body(proxy):
+    bad = {"continuum": {"program_id": "A"}}  # the client's own hints: forwarded unchanged
+    response = proxy.complete(tokens(4, 16), kv_transfer_params=bad)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "kv_transfer_params.continuum.turn"
+    assert proxy.sent[-1]["kv_transfer_params"] == bad
+
+
+def test_an_unreachable_upstream_gives_502_naming_it():
+    upstream = f"http://127.0.0.1:{free_port()}"
+    with RunningProxy.running(upstream) as proxy:
+        response = proxy.complete([1, 2, 3], {HEADER: "A"})
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == 502 and f"upstream {upstream} unreachable" in error["message"]
+
+
+class GatedUpstream:
+    """Sends one server-sent event, then the last one only once ``release`` is set; records
+    whether the proxy hung up on it first."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.disconnected = threading.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await receive()  # the request body
+        while not self.release.is_set():
+            with anyio.move_on_after(0.05):
+                if (await receive())["type"] == "http.disconnect":
+                    self.disconnected.set()
+                    return
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+@contextmanager
+def proxied_stream(upstream: GatedUpstream) -> Iterator[Iterator[bytes]]:
+    with (
+        serve_in_thread(upstream, lifespan="off") as url,
+        RunningProxy.running(url) as proxy,
+        proxy.client.stream("POST", "/v1/completions", json={"stream": True}) as response,
+    ):
+        assert response.status_code == 200
+        yield response.iter_raw()
+
+
+def test_events_are_relayed_as_the_upstream_sends_them():
+    upstream = GatedUpstream()
+    timer = threading.Timer(10, upstream.release.set)  # a buffering proxy fails, not hangs
+    timer.start()
+    with proxied_stream(upstream) as chunks:
+        assert next(chunks) == b"data: 1\n\n"
+        assert not upstream.release.is_set()
+        upstream.release.set()
+        assert b"".join(chunks) == b"data: [DONE]\n\n"
+    timer.cancel()
+
+
+def test_a_client_that_hangs_up_closes_the_upstream_request():
+    upstream = GatedUpstream()
+    with proxied_stream(upstream) as chunks:
+        assert next(chunks) == b"data: 1\n\n"
+    assert upstream.disconnected.wait(5)
+    upstream.release.set()
