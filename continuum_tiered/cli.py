@@ -8,6 +8,7 @@ import sys
 from continuum_tiered import demo, serve
 from continuum_tiered.profiling import cli as profiling_cli
 from continuum_tiered.proxy.cli import add_proxy_parser
+from continuum_tiered.replay_cli import add_replay_parser
 from continuum_tiered.sim.cli import add_simulate_parser
 from continuum_tiered.traces.cli import add_trace_parser
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     profiling_cli.add_profile_parser(subparsers)
     add_trace_parser(subparsers)
     add_simulate_parser(subparsers)
+    add_replay_parser(subparsers)
     add_proxy_parser(subparsers)
     return parser
 

@@ -13,13 +13,18 @@ import asyncio
 import dataclasses
 import json
 import random
-import statistics
 import sys
 from pathlib import Path
 
 import httpx
 
-from continuum_tiered.agent_runner import ProgramRecord, RunnerOptions, run_programs
+from continuum_tiered.agent_runner import (
+    ProgramRecord,
+    RunnerOptions,
+    run_programs,
+    summarize_records,
+)
+from continuum_tiered.metrics import RunSummary
 from continuum_tiered.server import ServerProcess, python_module_command, tiny_engine_flags
 from continuum_tiered.tiny_model import TinyLlamaShape, write_tiny_llama
 from continuum_tiered.traces.model import TraceProgram
@@ -106,25 +111,7 @@ def print_connector_counters(url: str) -> None:
     print(f"[continuum-tiered] {', '.join(f'{k}={v:g}' for k, v in counters.items())}")
 
 
-def p95(values: list[float]) -> float:
-    return (
-        statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
-    )
-
-
-def summarize(records: list[ProgramRecord]) -> dict[str, float]:
-    jcts = [r.jct_s for r in records if r.error is None]
-    return {
-        "programs": len(records),
-        "failed": sum(r.error is not None for r in records),
-        "avg_jct_s": statistics.fmean(jcts) if jcts else float("nan"),
-        "p95_jct_s": p95(jcts) if jcts else float("nan"),
-        "prefix_hit_ratio": sum(r.prefix_hit_tokens for r in records)
-        / max(1, sum(r.prompt_tokens for r in records)),
-    }
-
-
-def print_tables(results: dict[str, list[ProgramRecord]]) -> None:
+def print_tables(results: dict[str, list[ProgramRecord]], summaries: dict[str, RunSummary]) -> None:
     base, ours = (results[s] for s in SYSTEMS)
     print(
         f"\n{'program':<28} {'turns':>5}  {'hit tok vLLM':>12} {'hit tok ours':>12}"
@@ -135,16 +122,15 @@ def print_tables(results: dict[str, list[ProgramRecord]]) -> None:
             f"{b.program_id:<28} {len(o.turns):>5}  {b.prefix_hit_tokens:>12} "
             f"{o.prefix_hit_tokens:>12}  {b.jct_s:>10.2f} {o.jct_s:>10.2f}"
         )
-    sb, so = summarize(base), summarize(ours)
+    sb, so = (summaries[s] for s in SYSTEMS)
     print(f"\n{'':<22} {'vLLM':>10} {'ours':>10} {'vLLM/ours':>10}")
     for key in ("avg_jct_s", "p95_jct_s"):
-        print(f"{key:<22} {sb[key]:>10.2f} {so[key]:>10.2f} {sb[key] / so[key]:>10.2f}")
-    print(
-        f"{'prefix_hit_ratio':<22} {sb['prefix_hit_ratio']:>10.2f} {so['prefix_hit_ratio']:>10.2f}"
-    )
-    for system, summary in zip(SYSTEMS, (sb, so), strict=True):
-        if summary["failed"]:
-            print(f"WARNING: {summary['failed']} programs failed on {system}", file=sys.stderr)
+        b, o = getattr(sb, key), getattr(so, key)
+        print(f"{key:<22} {b:>10.2f} {o:>10.2f} {b / o:>10.2f}")
+    print(f"{'prefix_hit_ratio':<22} {sb.prefix_hit_ratio:>10.2f} {so.prefix_hit_ratio:>10.2f}")
+    for system, records in results.items():
+        if failed := sum(r.error is not None for r in records):
+            print(f"WARNING: {failed} programs failed on {system}", file=sys.stderr)
 
 
 def plot(results: dict[str, list[ProgramRecord]], path: Path) -> None:
@@ -178,11 +164,16 @@ def run_demo(args: argparse.Namespace, _passthrough: list[str]) -> int:
     model_dir = write_tiny_llama(args.out / "model", DEMO_SHAPE)
     programs = demo_programs(args)
     results = {system: run_system(system, model_dir, programs, args) for system in SYSTEMS}
-    print_tables(results)
+    summaries = {s: summarize_records(s, 1 / args.interarrival, r) for s, r in results.items()}
+    print_tables(results, summaries)
     (args.out / "results.json").write_text(
         json.dumps(
             {
-                s: {"summary": summarize(r), "programs": [dataclasses.asdict(x) for x in r]}
+                s: {
+                    "summary": summaries[s].to_json(),
+                    "failed_programs": sum(x.error is not None for x in r),
+                    "programs": [dataclasses.asdict(x) for x in r],
+                }
                 for s, r in results.items()
             },
             indent=2,

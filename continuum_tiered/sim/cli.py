@@ -8,20 +8,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from continuum_tiered.metrics import RunSummary, markdown_table
 from continuum_tiered.sim.deployment import MODEL_SHAPES, Deployment
 from continuum_tiered.sim.peers import PEERS, get_peer
-from continuum_tiered.sim.replay import ReplaySetup, RunSummary, replay
+from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
-
-COLUMNS = (
-    ("avg_jct_s", "avg JCT s"),
-    ("p50_jct_s", "p50 s"),
-    ("p90_jct_s", "p90 s"),
-    ("p95_jct_s", "p95 s"),
-    ("throughput_programs_per_h", "programs/h"),
-    ("avg_queue_s", "queue s/turn"),
-    ("prefix_hit_ratio", "prefix hit"),
-)
 
 
 def _floats(text: str) -> list[float]:
@@ -88,22 +79,6 @@ def run_simulate(args: argparse.Namespace, _passthrough: list[str]) -> int:
     print(table)
     print(f"\nwrote {args.out}/summary.json, summary.md, jct_vs_load.png, jct_cdf.png")
     return 0
-
-
-def markdown_table(results: list[RunSummary]) -> str:
-    header = "| policy | jps | " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|---|---|" + "---|" * len(COLUMNS)
-    rows = [
-        f"| {r.policy} | {r.jps:g} | "
-        + " | ".join(_fmt(getattr(r, key)) for key, _ in COLUMNS)
-        + " |"
-        for r in results
-    ]
-    return "\n".join([header, rule, *rows])
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def plot_results(

@@ -18,6 +18,7 @@ from vllm.v1.request import Request
 
 from continuum_tiered.connectors.continuum import ContinuumConnector
 from continuum_tiered.hints import ProgramHints
+from continuum_tiered.metrics import ProgramOutcome
 from continuum_tiered.sim.lmcache_model import SimLMCacheConnector
 from continuum_tiered.sim.scheduler_driver import SchedulerDriver
 from continuum_tiered.sim.step_time import StepTimeModel
@@ -44,6 +45,13 @@ class ProgramRun:
     def jct_s(self) -> float:
         assert self.end_s is not None
         return self.end_s - self.start_s
+
+    def outcome(self) -> ProgramOutcome:
+        assert self.end_s is not None
+        turns = len(self.program.turns)
+        return ProgramOutcome(
+            self.start_s, self.end_s, turns, self.queue_s, self.prompt_tokens, self.hit_tokens
+        )
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from vllm.config import VllmConfig
 
+from continuum_tiered.metrics import RunSummary, summarize
 from continuum_tiered.plugin import CONNECTOR_NAME
 from continuum_tiered.profile import ModelShape, TierProfile, load_named_profile
 from continuum_tiered.roofline import estimated_profile
@@ -23,50 +23,6 @@ from continuum_tiered.sim.peers import Peer
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    policy: str
-    jps: float
-    programs: int
-    avg_jct_s: float
-    p50_jct_s: float
-    p90_jct_s: float
-    p95_jct_s: float
-    throughput_programs_per_h: float
-    avg_queue_s: float
-    prefix_hit_ratio: float
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = q * (len(ordered) - 1)
-    lo = int(index)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (index - lo)
-
-
-def summarize(policy: str, jps: float, runs: list[ProgramRun]) -> RunSummary:
-    jcts = [r.jct_s for r in runs]
-    makespan = max(r.end_s for r in runs if r.end_s is not None) - min(r.start_s for r in runs)
-    turns = sum(len(r.program.turns) for r in runs)
-    return RunSummary(
-        policy=policy,
-        jps=jps,
-        programs=len(runs),
-        avg_jct_s=statistics.fmean(jcts),
-        p50_jct_s=quantile(jcts, 0.5),
-        p90_jct_s=quantile(jcts, 0.9),
-        p95_jct_s=quantile(jcts, 0.95),
-        throughput_programs_per_h=3600 * len(runs) / makespan if makespan > 0 else float("inf"),
-        avg_queue_s=sum(r.queue_s for r in runs) / turns,
-        prefix_hit_ratio=sum(r.hit_tokens for r in runs)
-        / max(1, sum(r.prompt_tokens for r in runs)),
-    )
 
 
 @dataclass(frozen=True)
@@ -181,4 +137,4 @@ def replay(
         seed=setup.seed,
     )
     runs = engine.run(on_program_done)
-    return summarize(peer.name, jps, runs), runs
+    return summarize(peer.name, jps, [r.outcome() for r in runs]), runs
