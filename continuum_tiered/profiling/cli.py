@@ -109,7 +109,7 @@ def job_from_args(args: argparse.Namespace) -> ProfileJob:
     try:
         shape = ModelShape.from_hf_config(config, dtype_bytes, name=str(name))
         hf_config = compute.transformers_config(config)
-    except ProfileError as exc:
+    except (ProfileError, ProfilingError) as exc:
         raise ProfilingError(f"{config_path}: {exc}") from exc
     if args.max_tokens is not None and args.max_tokens < MIN_MAX_TOKENS:
         raise ProfilingError(f"--max-tokens must be at least {MIN_MAX_TOKENS}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def fit_errors(profile: TierProfile, m: Measurements) -> dict[str, float]:
     return errors
 
 
-def _max_relative_error(measured: tuple[float, ...] | list[float], fitted: list[float]) -> float:
+def _max_relative_error(measured: Sequence[float], fitted: Sequence[float]) -> float:
     return max(abs(f - t) / t for t, f in zip(measured, fitted, strict=True))
 
 
