@@ -49,9 +49,6 @@ class LRUTier:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def touch(self, key: Any) -> None:
-        self._entries.move_to_end(key)
-
     def put(self, key: Any) -> list[Any]:
         """Insert or refresh ``key``; return the keys evicted to make room."""
         if self.capacity <= 0:
@@ -150,11 +147,10 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
             if n:
                 self._transfer_s += self.tiers[tier_name].transfer_time(n * self.block_bytes)
                 self.loaded_tokens[tier_name] += n * self.block_size
-        for key, tier_name in zip(request.block_hashes[start:], found, strict=False):
-            if tier_name == "disk":
-                self.store.store(key)  # promoted to CPU
-            else:
-                self.store.cpu.touch(key)
+        # Loaded blocks become the CPU tier's most recent (disk hits are promoted). A block
+        # may have moved since the lookup (another request's promotion pushed it down).
+        for key in request.block_hashes[start : start + len(found)]:
+            self.store.store(key)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
