@@ -108,6 +108,9 @@ class ProxyEndpoint:
             timeout=httpx.Timeout(None, connect=options.connect_timeout_s),
             # As many concurrent requests as agents send; the upstream queues them.
             limits=httpx.Limits(max_connections=None),
+            # Relayed bytes are as the upstream encoded them: ask for an encoding only
+            # when the client did (its own header replaces this default).
+            headers={"accept-encoding": "identity"},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
