@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from continuum_tiered.profile import ModelShape
 from continuum_tiered.roofline import parameter_count
 
 LLAMA_31 = {
@@ -48,7 +49,12 @@ MODEL_SHAPES = {
 
 @dataclass(frozen=True)
 class Deployment:
+    """``model``: a name of ``MODEL_SHAPES`` or a folder with a ``config.json``.
+    ``num_blocks``: the KV pool, when known (a real server's); else derived from memory."""
+
     model: str = "llama-3.1-8b"
+    device: str = "cuda"
+    num_blocks: int | None = None
     gpu_memory_bytes: float = 80e9
     memory_utilization: float = 0.9
     block_size: int = 16
@@ -60,13 +66,15 @@ class Deployment:
     disk_tier_bytes: float = 1e12
 
     def hf_config(self) -> dict:
-        try:
-            shape = MODEL_SHAPES[self.model]
-        except KeyError:
+        if self.model in MODEL_SHAPES:
+            return {**LLAMA_31, **MODEL_SHAPES[self.model]}
+        config = Path(self.model) / "config.json"
+        if not config.is_file():
             raise ValueError(
-                f"unknown model {self.model!r}; choose one of {sorted(MODEL_SHAPES)}"
-            ) from None
-        return {**LLAMA_31, **shape}
+                f"unknown model {self.model!r}: neither one of {sorted(MODEL_SHAPES)} "
+                "nor a folder with a config.json"
+            )
+        return json.loads(config.read_text())
 
     def write_config(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -74,11 +82,12 @@ class Deployment:
         return directory
 
     def kv_bytes_per_token(self) -> int:
-        cfg = self.hf_config()
-        return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+        return ModelShape.from_hf_config(self.hf_config()).kv_bytes_per_token
 
     def num_gpu_blocks(self) -> int:
         """KV blocks left once the weights and the activation reserve are placed."""
+        if self.num_blocks is not None:
+            return self.num_blocks
         weights = parameter_count(self.hf_config()) * 2
         budget = self.gpu_memory_bytes * self.memory_utilization
         free = budget - weights - self.activation_reserve_bytes

@@ -39,12 +39,16 @@ class ReplaySetup:
         hf = self.deployment.hf_config()
         shape = ModelShape.from_hf_config(hf, name=self.deployment.model)
         if self.profile_ref is None:
-            return estimated_profile(hf, shape, "cuda")
-        return load_named_profile(self.profile_ref, expect_model=shape, expect_device="cuda")
+            return estimated_profile(hf, shape, self.deployment.device)
+        return load_named_profile(
+            self.profile_ref, expect_model=shape, expect_device=self.deployment.device
+        )
 
 
 @cache
 def _model_dir(deployment: Deployment) -> Path:
+    if Path(deployment.model, "config.json").is_file():
+        return Path(deployment.model)
     return deployment.write_config(Path(tempfile.mkdtemp(prefix="ct-model-")))
 
 
@@ -81,7 +85,7 @@ def connector_config(peer: Peer, setup: ReplaySetup) -> dict[str, Any] | None:
         }
         configs.append(_kv(LMCACHE_CONNECTOR, extra))
     if peer.pin_policy is not None:
-        extra = {"policy": peer.pin_policy, "device": "cuda"}
+        extra = {"policy": peer.pin_policy, "device": setup.deployment.device}
         if peer.pin_options:
             extra["policy_options"] = dict(peer.pin_options)
         if setup.profile_ref is not None:
