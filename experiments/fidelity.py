@@ -45,13 +45,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_llama(args.out / "model", DEMO_SHAPE)
     profile = args.out / "cpu-profile.json"
-    if (
-        cli(
-            ["profile", "--model", str(model), "--device", "cpu", "--quick"]
-            + ["--max-tokens", "4096", "--out", str(profile)]
-        )
-        != 0
-    ):
+    measure = ["--device", "cpu", "--quick", "--max-tokens", "4096"]
+    if cli(["profile", "--model", str(model), *measure, "--out", str(profile)]) != 0:
         return 1
     programs = [
         dataclasses.replace(program, turns=program.turns[: args.turns])
