@@ -42,7 +42,15 @@ def server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     command = python_module_command(
-        "continuum_tiered.cli", "serve", str(tiny_model_dir), *tiny_engine_flags(tiny_model_dir, 64)
+        "continuum_tiered.cli",
+        "serve",
+        str(tiny_model_dir),
+        # Pins every hinted turn, so the hints' arrival shows in the pin counter.
+        "--policy",
+        "static-ttl",
+        "--policy-option",
+        "ttl_s=60",
+        *tiny_engine_flags(tiny_model_dir, 64),
     )
     log = tmp_path_factory.mktemp("replay-server") / "server.log"
     with ServerProcess(command, log) as process:
@@ -112,11 +120,21 @@ def test_a_request_without_reply_times_out_and_fails_its_program():
     assert "no complete reply within 0.5 s" in record.error and "attempt 2 of 2" in record.error
 
 
+def metric_sum(server: ServerProcess, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+    )
+
+
 @pytest.mark.parametrize(("hints", "label"), [("on", None), ("off", "vanilla-requests")])
 def test_programs_replay_end_to_end(server, tmp_path, hints, label):
     trace = write_small_trace(tmp_path / "trace.jsonl")
     args = replay_args(server.url, trace, tmp_path / "out", hints)
+    pins_before = metric_sum(server, "vllm:continuum_pins_created_total")
     assert main(args + (["--label", label] if label else [])) == 0
+    pins = metric_sum(server, "vllm:continuum_pins_created_total") - pins_before
+    assert pins == (2 * (TURNS - 1) if hints == "on" else 0)  # every turn but the last
     summary, programs = read_outputs(tmp_path / "out")
     (run,) = summary["runs"]
     assert run["policy"] == (label or "hints-on")
@@ -137,15 +155,6 @@ def test_programs_replay_end_to_end(server, tmp_path, hints, label):
         assert run["prefix_hit_ratio"] > 0
 
 
-def finished_requests(server: ServerProcess) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:request_success_total{")
-    )
-
-
 def test_server_killed_during_tool_calls_fails_the_programs_without_hanging(
     server, tmp_path, capsys
 ):
@@ -154,12 +163,12 @@ def test_server_killed_during_tool_calls_fails_the_programs_without_hanging(
     # Tool calls of 0.1 s x 30 = 3 s: both programs sleep in one when the server goes.
     args = [*replay_args(server.url, trace, tmp_path / "out"), "--time-scale", "30"]
     args += [*FAST_RETRIES, "--request-timeout", "10"]
-    before = finished_requests(server)
+    before = metric_sum(server, "vllm:request_success_total")
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(main(args)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
-    while finished_requests(server) < before + 2:  # both first turns done
+    while metric_sum(server, "vllm:request_success_total") < before + 2:  # both first turns done
         assert time.monotonic() < deadline, "the first turns did not finish"
         time.sleep(0.1)
     server.stop()
