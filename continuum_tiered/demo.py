@@ -16,8 +16,6 @@ import random
 import sys
 from pathlib import Path
 
-import httpx
-
 from continuum_tiered.agent_runner import (
     ProgramRecord,
     RunnerOptions,
@@ -25,7 +23,12 @@ from continuum_tiered.agent_runner import (
     summarize_records,
 )
 from continuum_tiered.metrics import RunSummary
-from continuum_tiered.server import ServerProcess, python_module_command, tiny_engine_flags
+from continuum_tiered.server import (
+    ServerProcess,
+    plugin_server_command,
+    prometheus_samples,
+    vanilla_server_command,
+)
 from continuum_tiered.tiny_model import TinyLlamaShape, write_tiny_llama
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.traces.swebench import SwebenchOptions, load_swebench
@@ -72,16 +75,9 @@ def demo_programs(args: argparse.Namespace) -> list[TraceProgram]:
 
 
 def server_command(system: str, model_dir: Path, kv_blocks: int) -> list[str]:
-    flags = tiny_engine_flags(model_dir, kv_blocks)
     if system == "vllm":
-        return python_module_command(
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--enable-prompt-tokens-details",
-            *flags,
-        )
-    return python_module_command("continuum_tiered.cli", "serve", str(model_dir), *flags)
+        return vanilla_server_command(model_dir, kv_blocks, "--enable-prompt-tokens-details")
+    return plugin_server_command(model_dir, kv_blocks)
 
 
 def run_system(
@@ -100,13 +96,10 @@ def run_system(
 
 def print_connector_counters(url: str) -> None:
     """The plugin's own counters, from its Prometheus endpoint."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
     counters = {
-        line.split("{")[0].removeprefix("vllm:continuum_").removesuffix("_total"): float(
-            line.rsplit(" ", 1)[1]
-        )
-        for line in text.splitlines()
-        if line.startswith("vllm:continuum_") and "_total{" in line
+        name.removeprefix("vllm:continuum_").removesuffix("_total"): value
+        for name, value in prometheus_samples(url, "vllm:continuum_").items()
+        if name.endswith("_total")
     }
     print(f"[continuum-tiered] {', '.join(f'{k}={v:g}' for k, v in counters.items())}")
 

@@ -132,3 +132,39 @@ class ServerProcess:
 
 def python_module_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def vanilla_server_command(model_dir: Path, num_blocks: int, *vllm_flags: str) -> list[str]:
+    """Plain vLLM's OpenAI server on a random-weight model (the CPU build has no working
+    ``vllm`` CLI, see ``continuum_tiered.serve.vllm_server_command``)."""
+    return python_module_command(
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        *tiny_engine_flags(model_dir, num_blocks),
+        *vllm_flags,
+    )
+
+
+def plugin_server_command(model_dir: Path, num_blocks: int, *serve_options: str) -> list[str]:
+    """``continuum-tiered serve`` on a random-weight model; ``serve_options`` are its own
+    options (``--policy``, ``--profile``, ...) or extra vLLM flags."""
+    return python_module_command(
+        "continuum_tiered.cli",
+        "serve",
+        str(model_dir),
+        *serve_options,
+        *tiny_engine_flags(model_dir, num_blocks),
+    )
+
+
+def prometheus_samples(url: str, prefix: str = "") -> dict[str, float]:
+    """Each metric of ``/metrics`` whose name starts with ``prefix``, summed over labels."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix) and not line.startswith("#") and " " in line:
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            samples[name] = samples.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return samples

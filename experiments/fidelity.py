@@ -20,7 +20,7 @@ from pathlib import Path
 from continuum_tiered.agent_runner import RunnerOptions, run_programs, summarize_records
 from continuum_tiered.cli import main as cli
 from continuum_tiered.demo import DEMO_SHAPE
-from continuum_tiered.server import ServerProcess, python_module_command, tiny_engine_flags
+from continuum_tiered.server import ServerProcess, plugin_server_command
 from continuum_tiered.sim.deployment import Deployment
 from continuum_tiered.sim.peers import get_peer
 from continuum_tiered.sim.replay import ReplaySetup, replay
@@ -56,11 +56,8 @@ def main() -> int:
     ]
     programs = with_poisson_arrivals(programs, args.jps, args.seed)
 
-    flags = tiny_engine_flags(model, args.kv_blocks)
-    flags += ["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--max-num-seqs", str(MAX_SEQS)]
-    command = python_module_command(
-        "continuum_tiered.cli", "serve", str(model), "--profile", str(profile), *flags
-    )
+    engine = ["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--max-num-seqs", str(MAX_SEQS)]
+    command = plugin_server_command(model, args.kv_blocks, "--profile", str(profile), *engine)
     print("real time: starting continuum-tiered serve ...", flush=True)
     with ServerProcess(command, args.out / "server.log") as server:
         options = RunnerOptions(model="tiny", send_hints=True, seed=args.seed)

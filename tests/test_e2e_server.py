@@ -16,7 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from continuum_tiered.server import ServerProcess, python_module_command, tiny_engine_flags
+from continuum_tiered.server import (
+    ServerProcess,
+    plugin_server_command,
+    prometheus_samples,
+    vanilla_server_command,
+)
 
 NUM_BLOCKS = 64  # 63 usable blocks of 32 tokens
 PIN_TTL_S = 600  # far longer than any test: a pin that blocked admission would hang it
@@ -27,38 +32,18 @@ def tokens(seed: int, n: int) -> list[int]:
 
 
 def vanilla_command(model: Path) -> list[str]:
-    return python_module_command(
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--enable-prompt-tokens-details",
-        *tiny_engine_flags(model, NUM_BLOCKS),
-    )
+    return vanilla_server_command(model, NUM_BLOCKS, "--enable-prompt-tokens-details")
 
 
 def plugin_command(model: Path) -> list[str]:
-    return python_module_command(
-        "continuum_tiered.cli",
-        "serve",
-        str(model),
-        "--policy",
-        "static-ttl",
-        "--policy-option",
-        f"ttl_s={PIN_TTL_S}",
-        *tiny_engine_flags(model, NUM_BLOCKS),
+    return plugin_server_command(
+        model, NUM_BLOCKS, "--policy", "static-ttl", "--policy-option", f"ttl_s={PIN_TTL_S}"
     )
 
 
 def connector_only_command(model: Path) -> list[str]:
     kv = {"kv_connector": "ContinuumConnector", "kv_role": "kv_both"}
-    return python_module_command(
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--kv-transfer-config",
-        json.dumps(kv),
-        *tiny_engine_flags(model, NUM_BLOCKS),
-    )
+    return vanilla_server_command(model, NUM_BLOCKS, "--kv-transfer-config", json.dumps(kv))
 
 
 @dataclass
@@ -75,10 +60,7 @@ class Server:
         return self.client.post("/v1/completions", json=payload)
 
     def metric(self, name: str) -> float:
-        for line in self.client.get("/metrics").text.splitlines():
-            if line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"metric {name} not exported")
+        return prometheus_samples(self.process.url)[name]
 
 
 @pytest.fixture(scope="module")

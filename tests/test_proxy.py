@@ -27,8 +27,8 @@ from continuum_tiered.server import (
     BLOCK_SIZE,
     ServerProcess,
     free_port,
-    python_module_command,
-    tiny_engine_flags,
+    plugin_server_command,
+    prometheus_samples,
 )
 
 NUM_BLOCKS = 64
@@ -183,22 +183,12 @@ class RunningProxy:
 
     def metric(self, name: str) -> float:
         """A counter of the upstream, read through the proxy's pass-through."""
-        for line in self.client.get("/metrics").text.splitlines():
-            if line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"metric {name} not exported")
+        return prometheus_samples(self.url)[name]
 
 
 def plugin_command(model: Path) -> list[str]:
-    return python_module_command(
-        "continuum_tiered.cli",
-        "serve",
-        str(model),
-        "--policy",
-        "static-ttl",
-        "--policy-option",
-        "ttl_s=600",
-        *tiny_engine_flags(model, NUM_BLOCKS),
+    return plugin_server_command(
+        model, NUM_BLOCKS, "--policy", "static-ttl", "--policy-option", "ttl_s=600"
     )
 
 

@@ -16,12 +16,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from continuum_tiered.agent_runner import RetryPolicy, RunnerOptions, run_programs
 from continuum_tiered.cli import main
-from continuum_tiered.server import ServerProcess, python_module_command, tiny_engine_flags
+from continuum_tiered.server import ServerProcess, plugin_server_command, prometheus_samples
 from continuum_tiered.traces.model import TraceProgram, Turn, write_trace
 
 TURNS = 3
@@ -41,16 +40,9 @@ def write_small_trace(path: Path) -> Path:
 def server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    command = python_module_command(
-        "continuum_tiered.cli",
-        "serve",
-        str(tiny_model_dir),
-        # Pins every hinted turn, so the hints' arrival shows in the pin counter.
-        "--policy",
-        "static-ttl",
-        "--policy-option",
-        "ttl_s=60",
-        *tiny_engine_flags(tiny_model_dir, 64),
+    # Pins every hinted turn, so the hints' arrival shows in the pin counter.
+    command = plugin_server_command(
+        tiny_model_dir, 64, "--policy", "static-ttl", "--policy-option", "ttl_s=60"
     )
     log = tmp_path_factory.mktemp("replay-server") / "server.log"
     with ServerProcess(command, log) as process:
@@ -121,10 +113,7 @@ def test_a_request_without_reply_times_out_and_fails_its_program():
 
 
 def metric_sum(server: ServerProcess, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
-    )
+    return prometheus_samples(server.url).get(name, 0.0)
 
 
 @pytest.mark.parametrize(("hints", "label"), [("on", None), ("off", "vanilla-requests")])
