@@ -134,27 +134,29 @@ def python_module_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def vanilla_server_command(model_dir: Path, num_blocks: int, *vllm_flags: str) -> list[str]:
-    """Plain vLLM's OpenAI server on a random-weight model (the CPU build has no working
-    ``vllm`` CLI, see ``continuum_tiered.serve.vllm_server_command``)."""
+def vllm_command(model: str | Path, *vllm_flags: str) -> list[str]:
+    """Plain vLLM's OpenAI server (the CPU build has no working ``vllm`` CLI, see
+    ``continuum_tiered.serve.vllm_server_command``; the module takes the same flags)."""
     return python_module_command(
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        *tiny_engine_flags(model_dir, num_blocks),
-        *vllm_flags,
+        "vllm.entrypoints.openai.api_server", "--model", str(model), *vllm_flags
     )
 
 
+def continuum_serve_command(model: str | Path, *serve_args: str) -> list[str]:
+    """``continuum-tiered serve``: its own options (``--policy``, ``--profile``, ...) and
+    vLLM flags, in any order."""
+    return python_module_command("continuum_tiered.cli", "serve", str(model), *serve_args)
+
+
+def vanilla_server_command(model_dir: Path, num_blocks: int, *vllm_flags: str) -> list[str]:
+    """Plain vLLM on a random-weight model."""
+    return vllm_command(model_dir, *tiny_engine_flags(model_dir, num_blocks), *vllm_flags)
+
+
 def plugin_server_command(model_dir: Path, num_blocks: int, *serve_options: str) -> list[str]:
-    """``continuum-tiered serve`` on a random-weight model; ``serve_options`` are its own
-    options (``--policy``, ``--profile``, ...) or extra vLLM flags."""
-    return python_module_command(
-        "continuum_tiered.cli",
-        "serve",
-        str(model_dir),
-        *serve_options,
-        *tiny_engine_flags(model_dir, num_blocks),
+    """``continuum-tiered serve`` on a random-weight model."""
+    return continuum_serve_command(
+        model_dir, *serve_options, *tiny_engine_flags(model_dir, num_blocks)
     )
 
 

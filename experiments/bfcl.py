@@ -1,0 +1,17 @@
+"""BFCL v4 multi-turn programs on live servers: vLLM, vLLM + LMCache (GPU only),
+continuum-tiered.
+
+    python experiments/bfcl.py [--programs 8] [--turns 8] [--jps 2] [--repeats 3]
+        [--model NAME --vllm-arg='FLAGS' ...] [--out out/bfcl]
+
+Writes report.md, results.json, jct_cdf.png and avg_jct.png (see
+continuum_tiered/experiment_cli.py for the options).
+"""
+
+import sys
+
+from continuum_tiered.experiment import BASELINES
+from continuum_tiered.experiment_cli import experiment_main
+
+if __name__ == "__main__":
+    sys.exit(experiment_main("bfcl", "bfcl", BASELINES, "BFCL v4 multi-turn on live servers"))
