@@ -12,7 +12,6 @@ from continuum_tiered.metrics import RunSummary, markdown_table
 from continuum_tiered.plots import plot_jct_cdf, pyplot
 from continuum_tiered.sim.deployment import MODEL_SHAPES, Deployment
 from continuum_tiered.sim.peers import PEERS, get_peer
-from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 
 
@@ -46,6 +45,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_simulate(args: argparse.Namespace, _passthrough: list[str]) -> int:
+    from continuum_tiered.sim.replay import ReplaySetup, replay  # imports vLLM: only when run
+
     peers = [get_peer(name.strip()) for name in args.policies.split(",")]
     programs = load_named_trace(args.trace, programs=args.programs, seed=args.seed)
     setup = ReplaySetup(

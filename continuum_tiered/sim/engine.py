@@ -12,54 +12,16 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from vllm.v1.request import Request
 
 from continuum_tiered.connectors.continuum import ContinuumConnector
 from continuum_tiered.hints import ProgramHints
-from continuum_tiered.metrics import ProgramOutcome
 from continuum_tiered.sim.lmcache_model import SimLMCacheConnector
+from continuum_tiered.sim.program_run import EngineHooks, ProgramRun
 from continuum_tiered.sim.scheduler_driver import SchedulerDriver
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
-
-
-@dataclass
-class ProgramRun:
-    """One program's progress through the replay and what it experienced."""
-
-    program: TraceProgram
-    seq: int
-    context: list[int] = field(default_factory=list)
-    block_hashes: list = field(default_factory=list)  # of the last finished turn
-    turn: int = 0
-    attained_s: float = 0.0  # GPU time of steps it was part of (Autellix's service)
-    start_s: float = 0.0
-    end_s: float | None = None
-    queue_s: float = 0.0
-    prompt_tokens: int = 0
-    hit_tokens: int = 0
-
-    @property
-    def jct_s(self) -> float:
-        assert self.end_s is not None
-        return self.end_s - self.start_s
-
-    def outcome(self) -> ProgramOutcome:
-        assert self.end_s is not None
-        turns = len(self.program.turns)
-        return ProgramOutcome(
-            self.start_s, self.end_s, turns, self.queue_s, self.prompt_tokens, self.hit_tokens
-        )
-
-
-@dataclass(frozen=True)
-class EngineHooks:
-    """What a policy changes in the replay besides the connector configuration."""
-
-    priority: Callable[[ProgramRun], int] = lambda run: 0
-    send_hints: bool = False
 
 
 class VirtualEngine:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from continuum_tiered.sim.engine import EngineHooks, ProgramRun
+from continuum_tiered.sim.program_run import EngineHooks, ProgramRun
 
 
 def _program_fcfs(run: ProgramRun) -> int:

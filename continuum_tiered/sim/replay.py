@@ -15,11 +15,12 @@ from continuum_tiered.plugin import CONNECTOR_NAME
 from continuum_tiered.profile import ModelShape, TierProfile, load_named_profile
 from continuum_tiered.roofline import estimated_profile
 from continuum_tiered.sim.deployment import Deployment
-from continuum_tiered.sim.engine import ProgramRun, VirtualEngine
+from continuum_tiered.sim.engine import VirtualEngine
 from continuum_tiered.sim.lmcache_model import CONNECTOR_NAME as LMCACHE_CONNECTOR
 from continuum_tiered.sim.lmcache_model import TIER_ORDER
 from continuum_tiered.sim.lmcache_model import register as register_lmcache_model
 from continuum_tiered.sim.peers import QUEUE_ORDERS, Peer
+from continuum_tiered.sim.program_run import ProgramRun
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
