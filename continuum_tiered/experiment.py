@@ -252,8 +252,9 @@ def run_experiment(
     programs: Sequence[TraceProgram],
     engine: Engine,
     out_dir: Path,
+    *,
+    jps: float,
     repeats: int = 1,
-    jps: float = 0.0,
     seed: int = 0,
 ) -> Results:
     """Every runnable system ``repeats`` times on ``programs``; server logs go to

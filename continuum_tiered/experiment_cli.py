@@ -62,8 +62,7 @@ def experiment_parser(description: str, default_out: Path) -> argparse.ArgumentP
     p.add_argument(
         "--kv-blocks",
         type=int,
-        default=CPU_KV_BLOCKS,
-        help="KV pool in 32-token blocks (CPU build only)",
+        help=f"KV pool in 32-token blocks (CPU build only; default {CPU_KV_BLOCKS})",
     )
     p.add_argument("--jps", type=float, default=2.0, help="program arrivals per second")
     p.add_argument("--seed", type=int, default=0)
@@ -72,12 +71,25 @@ def experiment_parser(description: str, default_out: Path) -> argparse.ArgumentP
     return p
 
 
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on ``--model``; options that do not go with it fail here."""
+    if args.model and args.kv_blocks is not None:
+        raise SystemExit(
+            "--kv-blocks is for the CPU build; with --model pass "
+            "--vllm-arg='--num-gpu-blocks-override N'"
+        )
+    if not args.model and args.vllm_arg:
+        raise SystemExit("--vllm-arg needs --model: the CPU build's flags are fixed")
+    if args.token_scale is None:
+        args.token_scale = 1.0 if args.model else CPU_TOKEN_SCALE
+    if args.kv_blocks is None and not args.model:
+        args.kv_blocks = CPU_KV_BLOCKS
+
+
 def engine_for(args: argparse.Namespace) -> Engine:
     if args.model:
         flags = [flag for arg in args.vllm_arg for flag in shlex.split(arg)]
         return Engine(args.model, args.model, tuple(flags))
-    if args.vllm_arg:
-        raise SystemExit("--vllm-arg needs --model: the CPU build's flags are fixed")
     model_dir = write_tiny_llama(args.out / "model", DEMO_SHAPE)
     return Engine.random_cpu(model_dir, args.kv_blocks)
 
@@ -101,8 +113,12 @@ def machine_info() -> dict[str, str]:
 
 
 def setup_lines(args: argparse.Namespace, trace: str, engine: Engine) -> dict[str, str]:
+    shape = DEMO_SHAPE
     model = args.model or (
-        f"random Llama on the CPU build ({DEMO_SHAPE}), KV pool {args.kv_blocks} blocks"
+        f"random Llama on the CPU build (hidden {shape.hidden_size}, MLP "
+        f"{shape.intermediate_size}, {shape.num_hidden_layers} layers, "
+        f"{shape.num_attention_heads} heads, vocab {shape.vocab_size}), "
+        f"KV pool {args.kv_blocks} blocks of 32 tokens"
     )
     return {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -133,15 +149,14 @@ def experiment_main(
     default to ``out/NAME``)."""
     parser = experiment_parser(title, Path("out") / name)
     args = parser.parse_args(argv)
-    if args.token_scale is None:
-        args.token_scale = 1.0 if args.model else CPU_TOKEN_SCALE
+    resolve_defaults(args)
     args.out.mkdir(parents=True, exist_ok=True)
     engine = engine_for(args)
     programs = trace_programs(
         trace, args.programs, args.turns, args.token_scale, args.jps, args.seed
     )
     results = run_experiment(
-        systems, programs, engine, args.out, args.repeats, jps=args.jps, seed=args.seed
+        systems, programs, engine, args.out, jps=args.jps, repeats=args.repeats, seed=args.seed
     )
     report = write_report(results, args.out, title, setup_lines(args, trace, engine))
     print_summary(results, report)

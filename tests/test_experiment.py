@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from continuum_tiered import demo
 from continuum_tiered.agent_runner import ProgramRecord, TurnRecord, summarize_records
 from continuum_tiered.experiment import (
     ABLATION,
@@ -21,7 +22,12 @@ from continuum_tiered.experiment import (
     gpu_name,
     trace_programs,
 )
-from continuum_tiered.experiment_cli import engine_for, experiment_parser
+from continuum_tiered.experiment_cli import (
+    engine_for,
+    experiment_parser,
+    resolve_defaults,
+    setup_lines,
+)
 from continuum_tiered.experiment_report import ratios_to_baseline, write_report
 
 ENGINE = Engine.random_cpu(Path("/models/tiny"), 64)
@@ -121,10 +127,20 @@ def test_ratio_of_a_system_without_completed_programs_is_nan():
 
 def test_cli_defaults_and_gpu_engine(tmp_path: Path):
     args = experiment_parser("t", tmp_path).parse_args([])
-    assert (args.programs, args.turns, args.repeats, args.token_scale) == (8, 8, 1, None)
+    resolve_defaults(args)
+    assert (args.programs, args.turns, args.repeats, args.token_scale) == (8, 8, 1, 0.25)
+    assert args.kv_blocks == 256
+    setup = setup_lines(args, "swebench", ENGINE)
+    assert "hidden 512, MLP 1536, 4 layers" in setup["model"]
+    assert "8 programs x first 8 turns, tokens x0.25" in setup["trace"]
+    bad = experiment_parser("t", tmp_path).parse_args(["--model", "m", "--kv-blocks", "9"])
+    with pytest.raises(SystemExit, match="num-gpu-blocks-override"):
+        resolve_defaults(bad)
     args = experiment_parser("t", tmp_path).parse_args(
         ["--model", "meta-llama/Llama-3.1-8B", "--vllm-arg=--max-model-len 32768"]
     )
+    resolve_defaults(args)
+    assert args.token_scale == 1.0
     engine = engine_for(args)
     assert engine.flags == ("--max-model-len", "32768")
     assert engine.served_name == "meta-llama/Llama-3.1-8B"
@@ -135,3 +151,16 @@ def test_trace_programs_are_cut_and_spread():
     assert len(programs) == 3 and all(len(p.turns) <= 2 for p in programs)
     arrivals = [p.arrival_s for p in programs]
     assert arrivals == sorted(arrivals) and arrivals[0] > 0
+
+
+def test_demo_prints_its_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    runs = {
+        "vllm": fake_run("vllm", 1, [10.0, 12.0]),
+        "continuum-tiered": fake_run("continuum-tiered", 1, [5.0, 6.0]),
+    }
+    demo.print_tables(runs)
+    out = capsys.readouterr().out
+    assert "JCT ours s" in out and "p1" in out
+    assert "avg_jct_s                   11.00       5.50       2.00" in out
+    demo.plot(runs, tmp_path / "jct.png")
+    assert (tmp_path / "jct.png").read_bytes()[:4] == b"\x89PNG"
