@@ -36,8 +36,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="llama-3.1-8b", choices=sorted(MODEL_SHAPES))
     p.add_argument(
         "--profile",
-        default="h100-llama-3.1-8b",
-        help="tier profile name or path; 'roofline' estimates one from the model shape",
+        help="tier profile name or path (default: the built-in h100-MODEL); 'roofline' "
+        "estimates one from the model shape",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/simulate"))
@@ -46,6 +46,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_simulate(args: argparse.Namespace, _passthrough: list[str]) -> int:
     from continuum_tiered.sim.replay import ReplaySetup, replay  # imports vLLM: only when run
+
+    args.profile = args.profile or f"h100-{args.model}"
 
     peers = [get_peer(name.strip()) for name in args.policies.split(",")]
     programs = load_named_trace(args.trace, programs=args.programs, seed=args.seed)
