@@ -23,6 +23,8 @@ from continuum_tiered.sim.scheduler_driver import SchedulerDriver
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
 
+MAX_IDLE_STEPS = 3  # empty steps in a row before the clock jumps to the next arrival
+
 
 class VirtualEngine:
     def __init__(
@@ -70,6 +72,7 @@ class VirtualEngine:
 
     def run(self, on_program_done: Callable[[], None] = lambda: None) -> list[ProgramRun]:
         scheduler = self.scheduler
+        idle_steps = 0
         while self._events or scheduler.has_requests():
             self._submit_due()
             if not scheduler.has_requests():
@@ -77,8 +80,13 @@ class VirtualEngine:
                 continue
             out = scheduler.schedule()
             if out.total_num_scheduled_tokens == 0:
+                idle_steps += 1
                 if not scheduler.get_num_unfinished_requests():
                     continue  # a step that only reported finished requests
+                if idle_steps <= MAX_IDLE_STEPS:
+                    # A step can schedule nothing while a preemption or a pin release
+                    # settles; the next one runs. Time only moves when nothing does.
+                    continue
                 if not self._events:
                     waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
                     raise RuntimeError(
@@ -88,6 +96,7 @@ class VirtualEngine:
                     )
                 self.now = max(self.now, self._events[0][0])
                 continue
+            idle_steps = 0
             start = self.now
             for new in out.scheduled_new_reqs:
                 run = self._by_request[new.req_id]
