@@ -220,7 +220,9 @@ def test_streamed_text_equals_the_non_streamed_text(proxy):
     chunks = [
         c.choices[0].text for c in client.completions.create(stream=True, **request) if c.choices
     ]
-    assert len(chunks) >= 12  # one event per token at least: relayed as they came
+    # Relayed as events, not as one body (vLLM may put several tokens in one event when
+    # the reader lags; that the proxy does not buffer is tested with a fake upstream).
+    assert len(chunks) > 1
     assert "".join(chunks) == whole
 
 
