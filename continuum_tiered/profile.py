@@ -394,7 +394,8 @@ def load_named_profile(
 
 
 def default_profile(device: str = "cpu") -> TierProfile:
-    """The built-in profile for a device kind (roofline estimates until measured)."""
+    """The built-in profile for a device kind: the H100 one derived from published kernel
+    tables, the CPU one a roofline estimate of the tiny test model."""
     name = _DEFAULT_BY_DEVICE.get(device)
     if name is None:
         raise ProfileError(
