@@ -19,6 +19,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
+# Where a returning turn's prompt tokens came from (ContinuumTieredConnector counts them).
+PREFIX_SOURCES = ("gpu", "cpu", "disk", "recompute")
+
+
+def prefix_counter(source: str) -> str:
+    return f"prefix_tokens_from_{source}"
+
+
 COUNTERS = (
     "pins_created",
     "pin_expirations",
@@ -26,6 +34,7 @@ COUNTERS = (
     "pin_handovers",
     "pinned_prefix_hit_tokens",
     "hints_rejected",
+    *map(prefix_counter, PREFIX_SOURCES),
 )
 GAUGES = ("active_pins", "pinned_blocks")
 TOOL_TTLS = "tool_ttl_s"

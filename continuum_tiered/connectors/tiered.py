@@ -1,0 +1,248 @@
+"""``ContinuumTieredConnector``: ``ContinuumConnector`` composed with LMCache's connector.
+
+A ``MultiConnector`` (same ``connectors`` list in ``kv_connector_extra_config``, e.g.
+``[ContinuumConnector, LMCacheConnectorV1]``) that also:
+
+- on vLLM's CPU build, makes LMCache use our torch-only KV connector
+  (``continuum_tiered.lmcache_cpu.install``) before LMCache's connector is built;
+- feeds ``ContinuumConnector.residency`` from LMCache's storage manager, so a pin's TTL is
+  weighed against the reload cost of the tier that really holds the KV;
+- counts, for each returning turn (hint ``turn > 0``), where its prompt tokens came from:
+  the GPU prefix cache (pins), LMCache's CPU tier, its disk tier, or recompute. The counts
+  travel in ``ContinuumConnector``'s stats (``vllm:continuum_prefix_tokens_from_*``).
+
+LMCache's engine lives in the worker process, so the worker half looks up tiers (per
+request it saved or loaded this step) and sends them to the scheduler half in its worker
+metadata, one step later. Expiry is demotion without extra work: LMCache stores a turn's KV
+to its tiers while the turn runs, so when a pin expires only the GPU copy goes.
+
+vLLM treats only the name ``MultiConnector`` as "hybrid KV cache manager support depends on
+the children", so this connector needs ``--disable-hybrid-kv-cache-manager`` (``serve
+--tiers`` passes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import LMCacheConnectorV1
+from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import (
+    MultiConnector,
+    MultiKVConnectorStats,
+    MultiKVConnectorWorkerMetadata,
+)
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+
+from continuum_tiered.connectors.continuum import ContinuumConnector
+from continuum_tiered.connectors.lmcache_residency import LMCacheResidency
+from continuum_tiered.connectors.stats import PREFIX_SOURCES, ContinuumStats, prefix_counter
+from continuum_tiered.hints import HintError, parse_hints
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class TierReport(MultiKVConnectorWorkerMetadata):
+    """The children's worker metadata plus what the worker saw of LMCache's tiers:
+    ``loaded``: request id -> tokens it is loading from each tier this step;
+    ``residency``: request id -> the tier its stored prefix reloads from (None: nowhere)."""
+
+    loaded: dict[str, dict[str, int]] = field(default_factory=dict)
+    residency: dict[str, str | None] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> TierReport:
+        assert isinstance(other, TierReport)
+        children = super().aggregate(other)
+        assert isinstance(children, MultiKVConnectorWorkerMetadata)
+        # Tensor-parallel workers hold the same chunks: one worker's view is the answer.
+        return TierReport(
+            metadata=children.metadata,
+            loaded={**other.loaded, **self.loaded},
+            residency={**other.residency, **self.residency},
+        )
+
+
+class ContinuumTieredConnector(MultiConnector):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+    ):
+        if not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+            raise ValueError(
+                "ContinuumTieredConnector needs --disable-hybrid-kv-cache-manager (LMCache's "
+                "connector does not support vLLM's hybrid KV cache manager)"
+            )
+        if current_platform.is_cpu():
+            from continuum_tiered.lmcache_cpu import install
+
+            install()
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._continuum = _only(self._connectors, ContinuumConnector)
+        self._lmcache = _only(self._connectors, LMCacheConnectorV1)
+        self._lmcache_index = self._connectors.index(self._lmcache)
+        # Worker half.
+        self._lookup = LMCacheResidency()
+        self._report = TierReport(metadata=())
+        # Scheduler half.
+        self._live: set[str] = set()
+        self._residency: dict[str, str | None] = {}
+        self._local_hits: dict[str, int] = {}
+        self._awaiting_split: set[str] = set()
+        self._prefix_counts = dict.fromkeys(map(prefix_counter, PREFIX_SOURCES), 0)
+        if role == KVConnectorRole.SCHEDULER:
+            self._warn_on_missing_profile_tiers()
+            self._continuum.residency = self._tier_after_release
+
+    # ---------------------------------------------------------------- worker
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        # Before LMCache retrieves (which promotes disk chunks to CPU).
+        for meta in self._lmcache_requests():
+            spec = meta.load_spec
+            if spec is not None and spec.can_load:
+                self._report.loaded[meta.req_id] = self._lookup.tokens_per_tier(
+                    meta.token_ids,
+                    spec.vllm_cached_tokens,
+                    spec.lmcache_cached_tokens,
+                    meta.request_configs,
+                )
+        super().start_load_kv(forward_context, **kwargs)
+
+    def wait_for_save(self) -> None:
+        super().wait_for_save()
+        for meta in self._lmcache_requests():
+            if meta.save_spec is not None and meta.save_spec.can_save:
+                self._report.residency[meta.req_id] = self._lookup.tier_of(
+                    meta.token_ids, meta.request_configs
+                )
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        children = super().build_connector_worker_meta()
+        report, self._report = self._report, TierReport(metadata=())
+        if children is None and not report.loaded and not report.residency:
+            return None
+        report.metadata = (
+            children.metadata  # type: ignore[union-attr]
+            if children is not None
+            else (None,) * len(self._connectors)
+        )
+        return report
+
+    def _lmcache_requests(self) -> list[Any]:
+        if not self._lmcache.has_connector_metadata():
+            return []
+        return list(getattr(self._lmcache._get_connector_metadata(), "requests", []))
+
+    # ------------------------------------------------------------- scheduler
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        self._live.add(request.request_id)
+        self._local_hits[request.request_id] = num_computed_tokens
+        return super().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        local = self._local_hits.pop(request.request_id, 0)
+        if _is_returning_turn(request):
+            from_lmcache = (
+                num_external_tokens
+                if self._requests_to_connector.get(request.request_id) == self._lmcache_index
+                else 0
+            )
+            self._count("gpu", local)
+            self._count("recompute", request.num_prompt_tokens - local - num_external_tokens)
+            if from_lmcache:
+                self._awaiting_split.add(request.request_id)
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        report = connector_output.kv_connector_worker_meta
+        if isinstance(report, TierReport):
+            for req_id, tier in report.residency.items():
+                if req_id in self._live:
+                    self._residency[req_id] = tier
+            for req_id, per_tier in report.loaded.items():
+                if req_id in self._awaiting_split:
+                    self._awaiting_split.discard(req_id)
+                    for tier, tokens in per_tier.items():
+                        self._count(tier, tokens)
+        super().update_connector_output(connector_output)
+
+    def request_finished(self, request: Request, blocks: list[int]) -> tuple[bool, Any]:
+        result = super().request_finished(request, blocks)
+        for table in (self._live, self._awaiting_split):
+            table.discard(request.request_id)
+        for mapping in (self._local_hits, self._residency):
+            mapping.pop(request.request_id, None)
+        return result
+
+    def get_kv_connector_stats(self) -> MultiKVConnectorStats | None:
+        stats = super().get_kv_connector_stats()
+        counts = {k: v for k, v in self._prefix_counts.items() if v}
+        if not counts:
+            return stats
+        self._prefix_counts = dict.fromkeys(self._prefix_counts, 0)
+        stats = stats if stats is not None else MultiKVConnectorStats()
+        name = ContinuumConnector.__name__
+        ours = ContinuumStats(counts)
+        stats[name] = stats[name].aggregate(ours) if name in stats.data else ours
+        return stats
+
+    def _count(self, source: str, tokens: int) -> None:
+        key = prefix_counter(source)
+        if key in self._prefix_counts and tokens > 0:
+            self._prefix_counts[key] += tokens
+
+    def _tier_after_release(self, request: Request) -> str | None:
+        """Called by ``ContinuumConnector.request_finished``: the tier the worker last
+        saw holding this request's prefix, if the tier profile knows that tier."""
+        tier = self._residency.get(request.request_id)
+        profile = self._continuum.options.profile
+        return tier if profile is not None and tier in profile.tiers else None
+
+    def _warn_on_missing_profile_tiers(self) -> None:
+        profile = self._continuum.options.profile
+        missing = [t for t in ("cpu", "disk") if profile is None or t not in profile.tiers]
+        if missing:
+            logger.warning(
+                "continuum-tiered: the tier profile has no %s tier; TTLs treat KV found "
+                "there as lost (recompute cost)",
+                " or ".join(missing),
+            )
+
+
+def _only(connectors: list[Any], cls: type) -> Any:
+    found = [c for c in connectors if isinstance(c, cls)]
+    if len(found) != 1:
+        raise ValueError(
+            f"ContinuumTieredConnector needs exactly one {cls.__name__} among its "
+            f"connectors, found {len(found)}"
+        )
+    return found[0]
+
+
+def _is_returning_turn(request: Request) -> bool:
+    try:
+        hints = parse_hints(request.kv_transfer_params)
+    except HintError:
+        return False
+    return hints is not None and hints.turn > 0
