@@ -14,11 +14,16 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-from continuum_tiered.plugin import CONNECTOR_NAME
+from continuum_tiered.plugin import CONNECTOR_NAME, TIERED_CONNECTOR_NAME
+from continuum_tiered.tiers import Tiers
 
 MIDDLEWARE = "continuum_tiered.middleware.HintValidationMiddleware"
 # Flags this command sets itself; passing them through as well would be ambiguous.
 OWNED_FLAGS = ("--kv-transfer-config", "--scheduling-policy", "--middleware")
+LMCACHE_CONNECTOR = "LMCacheConnectorV1"
+# Key of ContinuumTieredConnector's own extra config: the disk tier's directory, removed
+# by the worker at shutdown.
+DISK_CLEANUP_KEY = "disk_cleanup_dir"
 
 
 class ServeError(ValueError):
@@ -32,9 +37,11 @@ class ServeOptions:
     profile: str | None = None
     policy_options: dict[str, object] = field(default_factory=dict)
     program_fcfs: bool = True
+    tiers: Tiers | None = None
     vllm_args: list[str] = field(default_factory=list)
 
     def connector_config(self) -> dict[str, object]:
+        """``ContinuumConnector`` alone, or with ``--tiers`` composed with LMCache's."""
         extra: dict[str, object] = {}
         if self.policy:
             extra["policy"] = self.policy
@@ -42,10 +49,25 @@ class ServeOptions:
             extra["profile"] = self.profile
         if self.policy_options:
             extra["policy_options"] = self.policy_options
-        return {
+        continuum = {
             "kv_connector": CONNECTOR_NAME,
             "kv_role": "kv_both",
             "kv_connector_extra_config": extra,
+        }
+        if self.tiers is None:
+            return continuum
+        lmcache = {
+            "kv_connector": LMCACHE_CONNECTOR,
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": self.tiers.lmcache_config(),
+        }
+        tiered: dict[str, object] = {"connectors": [continuum, lmcache]}
+        if self.tiers.disk_cleanup:
+            tiered[DISK_CLEANUP_KEY] = str(self.tiers.disk_dir)
+        return {
+            "kv_connector": TIERED_CONNECTOR_NAME,
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": tiered,
         }
 
     def vllm_flags(self) -> list[str]:
@@ -66,6 +88,9 @@ class ServeOptions:
         ]
         if self.program_fcfs:
             flags += ["--scheduling-policy", "priority"]
+        if self.tiers is not None and "--disable-hybrid-kv-cache-manager" not in self.vllm_args:
+            # LMCache's connector does not support it (see connectors/tiered.py).
+            flags.append("--disable-hybrid-kv-cache-manager")
         if "--enable-prompt-tokens-details" not in self.vllm_args:
             # Clients see their prefix-cache hits in usage.prompt_tokens_details.
             flags.append("--enable-prompt-tokens-details")
@@ -108,6 +133,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="keep vLLM's request-level FCFS instead of program-level FCFS",
     )
+    p.add_argument(
+        "--tiers",
+        metavar="cpu=SIZE[,disk=PATH:SIZE[:cleanup]]",
+        help="keep KV below the GPU in LMCache's CPU (and disk) tiers, e.g. "
+        "cpu=8GB,disk=/scratch:100GB; ':cleanup' removes the disk tier's files at shutdown",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.set_defaults(run=run_serve)
 
@@ -141,10 +172,13 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         profile=args.profile,
         policy_options=parse_policy_options(args.policy_option),
         program_fcfs=args.program_fcfs,
+        tiers=Tiers.parse(args.tiers) if args.tiers is not None else None,
         vllm_args=passthrough,
     )
     flags = options.vllm_flags()
     check_policy(options)
+    if options.tiers is not None:
+        options.tiers.check()
     print("Equivalent plain command:\n  " + shlex.join(["vllm", "serve", *flags]), flush=True)
     if args.dry_run:
         return 0

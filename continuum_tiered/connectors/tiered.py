@@ -16,6 +16,9 @@ request it saved or loaded this step) and sends them to the scheduler half in it
 metadata, one step later. Expiry is demotion without extra work: LMCache stores a turn's KV
 to its tiers while the turn runs, so when a pin expires only the GPU copy goes.
 
+With ``disk_cleanup_dir`` in its own extra config, the worker removes that directory (the
+disk tier's, see ``continuum_tiered.tiers``) when it shuts down.
+
 vLLM treats only the name ``MultiConnector`` as "hybrid KV cache manager support depends on
 the children", so this connector needs ``--disable-hybrid-kv-cache-manager`` (``serve
 --tiers`` passes it).
@@ -23,6 +26,7 @@ the children", so this connector needs ``--disable-hybrid-kv-cache-manager`` (``
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +103,9 @@ class ContinuumTieredConnector(MultiConnector):
         # Worker half.
         self._lookup = LMCacheResidency()
         self._report = TierReport(metadata=())
+        self._disk_cleanup_dir: str | None = vllm_config.kv_transfer_config.get_from_extra_config(
+            "disk_cleanup_dir", None
+        )
         # Scheduler half.
         self._live: set[str] = set()
         self._residency: dict[str, str | None] = {}
@@ -143,6 +150,12 @@ class ContinuumTieredConnector(MultiConnector):
             else (None,) * len(self._connectors)
         )
         return report
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._role == KVConnectorRole.WORKER and self._disk_cleanup_dir:
+            shutil.rmtree(self._disk_cleanup_dir, ignore_errors=True)
+            logger.info("continuum-tiered: removed the disk tier %s", self._disk_cleanup_dir)
 
     def _lmcache_requests(self) -> list[Any]:
         if not self._lmcache.has_connector_metadata():

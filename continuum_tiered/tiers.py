@@ -1,0 +1,138 @@
+"""``--tiers cpu=8GB,disk=/path:100GB``: LMCache's tiers below the GPU, checked before vLLM starts.
+
+Sizes are binary, as LMCache reads them (``8GB`` = 8 GiB); units B, K, M, G, T with an
+optional ``B`` or ``iB``. A tier that cannot work fails here, naming the problem: an
+unknown tier, a size larger than the free memory or disk, a disk path that cannot be
+written.
+
+The disk tier writes into its own subdirectory of the given path (``DISK_SUBDIR``), so that
+``cleanup`` (``disk=/path:100GB:cleanup``) can remove exactly what it wrote when the server
+shuts down, never the user's files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+GIB = 1024**3
+TIERS = ("cpu", "disk")
+DISK_SUBDIR = "continuum-lmcache"
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+# LMCache settings that are the same for every tier layout (see tier_config):
+# - chunk_size 256: LMCache's default; a prefix is found in whole chunks.
+# - save_decode_cache: a turn's generated tokens are stored too, so the next turn, whose
+#   prompt repeats them, finds its whole prefix below the GPU.
+# - pre_caching_hash_algorithm sha256_cbor: LMCache's default ("builtin") hashes with
+#   Python's hash(), which differs between the scheduler and worker processes unless
+#   PYTHONHASHSEED is fixed, so lookups would never hit.
+LMCACHE_DEFAULTS: dict[str, object] = {
+    "lmcache.chunk_size": 256,
+    "lmcache.save_decode_cache": True,
+    "lmcache.pre_caching_hash_algorithm": "sha256_cbor",
+}
+
+
+class TierSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Tiers:
+    cpu_bytes: int = 0
+    disk_dir: Path | None = None  # the tier's own directory, under the path given
+    disk_bytes: int = 0
+    disk_cleanup: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Tiers:
+        """``cpu=SIZE,disk=PATH:SIZE[:cleanup]``; either tier may be left out."""
+        fields: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or not value:
+                raise TierSpecError(f"--tiers: expected NAME=VALUE, got {item!r}")
+            if name not in TIERS:
+                raise TierSpecError(f"--tiers: unknown tier {name!r}; known tiers: cpu, disk")
+            if name in fields or f"{name}_bytes" in fields:
+                raise TierSpecError(f"--tiers: tier {name!r} given twice")
+            if name == "cpu":
+                fields["cpu_bytes"] = parse_size(value, "cpu")
+            else:
+                path, size, cleanup = _split_disk(value)
+                fields |= {
+                    "disk_dir": Path(path).expanduser().absolute() / DISK_SUBDIR,
+                    "disk_bytes": parse_size(size, "disk"),
+                    "disk_cleanup": cleanup,
+                }
+        if not fields:
+            raise TierSpecError("--tiers: no tier given")
+        if "disk_dir" in fields and "cpu_bytes" not in fields:
+            raise TierSpecError(
+                "--tiers: the disk tier needs a cpu tier (LMCache stages disk reads and "
+                "writes in its CPU memory)"
+            )
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        """Fail on a tier this machine cannot hold."""
+        available = psutil.virtual_memory().available
+        if self.cpu_bytes > available:
+            raise TierSpecError(
+                f"--tiers: cpu={_gib(self.cpu_bytes)} is more than the {_gib(available)} of "
+                "memory available"
+            )
+        if self.disk_dir is None:
+            return
+        parent = self.disk_dir.parent
+        if not parent.is_dir():
+            raise TierSpecError(f"--tiers: disk path {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise TierSpecError(f"--tiers: disk path {parent} is not writable")
+        free = shutil.disk_usage(parent).free
+        if self.disk_bytes > free:
+            raise TierSpecError(
+                f"--tiers: disk={_gib(self.disk_bytes)} is more than the {_gib(free)} free "
+                f"on {parent}"
+            )
+
+    def lmcache_config(self) -> dict[str, object]:
+        """``lmcache.*`` keys for LMCache's ``kv_connector_extra_config``."""
+        config = dict(LMCACHE_DEFAULTS)
+        config["lmcache.local_cpu"] = True
+        config["lmcache.max_local_cpu_size"] = self.cpu_bytes / GIB
+        if self.disk_dir is not None:
+            config["lmcache.local_disk"] = f"file://{self.disk_dir}/"
+            config["lmcache.max_local_disk_size"] = self.disk_bytes / GIB
+        return config
+
+
+def parse_size(text: str, tier: str) -> int:
+    match = _SIZE.match(text)
+    if match is None:
+        raise TierSpecError(f"--tiers: {tier} size {text!r} is not a size like 8GB or 512MiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise TierSpecError(f"--tiers: {tier} size must be positive, got {text!r}")
+    return size
+
+
+def _split_disk(value: str) -> tuple[str, str, bool]:
+    parts = value.split(":")
+    cleanup = parts[-1] == "cleanup"
+    if cleanup:
+        parts = parts[:-1]
+    if len(parts) != 2 or not parts[0]:
+        raise TierSpecError(f"--tiers: disk expects PATH:SIZE[:cleanup], got {value!r}")
+    return parts[0], parts[1], cleanup
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.3g} GiB"
