@@ -198,12 +198,14 @@ class ContinuumTieredConnector(MultiConnector):
                     self._awaiting_split.discard(req_id)
                     for tier, tokens in per_tier.items():
                         self._count(tier, tokens)
+        # A request that finished in the step that loaded it (vLLM calls request_finished
+        # before this) got its split above; one whose report never came is dropped here.
+        self._awaiting_split &= self._live
         super().update_connector_output(connector_output)
 
     def request_finished(self, request: Request, blocks: list[int]) -> tuple[bool, Any]:
         result = super().request_finished(request, blocks)
-        for table in (self._live, self._awaiting_split):
-            table.discard(request.request_id)
+        self._live.discard(request.request_id)
         for mapping in (self._local_hits, self._residency):
             mapping.pop(request.request_id, None)
         return result
