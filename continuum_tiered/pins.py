@@ -45,6 +45,7 @@ class Pin:
     deadline_s: float
     tool: str | None
     context_tokens: int
+    benefit_s: float = 0.0  # what the policy expects the pin to save if the program returns
 
     @property
     def num_blocks(self) -> int:

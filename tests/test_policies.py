@@ -3,6 +3,7 @@ import math
 import pytest
 
 from continuum_tiered.policies import (
+    DEFAULT_POLICY,
     POLICIES,
     ContinuumPolicy,
     NoRetentionPolicy,
@@ -30,11 +31,12 @@ def _turn(tool: str | None = "ls", tokens: int = 3000, tier: str | None = None, 
 
 
 def test_registry() -> None:
-    assert set(POLICIES) == {"continuum", "static-ttl", "none", "infercept"}
+    assert set(POLICIES) == {"tiered", "continuum", "static-ttl", "none", "infercept"}
+    assert DEFAULT_POLICY == "tiered"
     assert all(cls.name == name for name, cls in POLICIES.items())
 
 
-@pytest.mark.parametrize("name", ["continuum", "static-ttl", "none", "infercept"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
 def test_last_turn_is_never_pinned(name: str) -> None:
     policy = make_policy(name, PROFILE)
     assert policy.decide(_turn(last=True)) == TTLDecision(0.0, 0.0, "last-turn")
@@ -99,7 +101,7 @@ def test_continuum_exposes_its_estimators() -> None:
 
 
 def test_make_policy_errors() -> None:
-    with pytest.raises(ValueError, match="continuum, infercept, none, static-ttl"):
+    with pytest.raises(ValueError, match="continuum, infercept, none, static-ttl, tiered"):
         make_policy("lru", PROFILE)
     with pytest.raises(ValueError, match=r"ttl\b.*valid: ttl_s"):
         make_policy("static-ttl", PROFILE, ttl=3.0)

@@ -90,7 +90,9 @@ class ContinuumConnector(SchedulerOnlyConnector):
 
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
         self._block_pool = gpu_block_pool
-        self._pins = PinTable(gpu_block_pool)
+        self._pins = PinTable(
+            gpu_block_pool, lambda pin: self.policy.pressure_key(pin, self.clock())
+        )
 
     @property
     def pins(self) -> PinTable:
@@ -185,6 +187,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
                     deadline_s=now + decision.ttl_s,
                     tool=tool,
                     context_tokens=request.num_tokens,
+                    benefit_s=decision.benefit_s,
                 )
             )
         else:

@@ -8,12 +8,14 @@ from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
 from continuum_tiered.policies.continuum import ContinuumPolicy
 from continuum_tiered.policies.infercept import InferCeptPolicy
 from continuum_tiered.policies.static_ttl import NoRetentionPolicy, StaticTTLPolicy
+from continuum_tiered.policies.tiered import TieredPolicy
 from continuum_tiered.profile import TierProfile
 
-DEFAULT_POLICY = "continuum"
+DEFAULT_POLICY = "tiered"
 
 POLICIES: dict[str, type[RetentionPolicy]] = {
-    cls.name: cls for cls in (ContinuumPolicy, StaticTTLPolicy, NoRetentionPolicy, InferCeptPolicy)
+    cls.name: cls
+    for cls in (TieredPolicy, ContinuumPolicy, StaticTTLPolicy, NoRetentionPolicy, InferCeptPolicy)
 }
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "NoRetentionPolicy",
     "RetentionPolicy",
     "StaticTTLPolicy",
+    "TieredPolicy",
     "TurnEnd",
     "make_policy",
 ]

@@ -6,6 +6,7 @@ import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
+from continuum_tiered.pins import Pin, latest_program_first
 from continuum_tiered.ttl import TTLDecision
 
 LAST_TURN = TTLDecision(ttl_s=0.0, benefit_s=0.0, source="last-turn")
@@ -36,6 +37,10 @@ class RetentionPolicy(abc.ABC):
 
     @abc.abstractmethod
     def decide_tool_call(self, turn: TurnEnd) -> TTLDecision: ...
+
+    def pressure_key(self, pin: Pin, now_s: float) -> tuple[float, ...]:
+        """Sort key of pins under memory pressure: the smallest is released first."""
+        return latest_program_first(pin)
 
     def observe_tool_duration(self, tool: str | None, duration_s: float) -> None:  # noqa: B027
         """A program came back ``duration_s`` after its turn ended in ``tool``."""

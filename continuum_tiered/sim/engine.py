@@ -154,7 +154,7 @@ class VirtualEngine:
                 prefill.append((offset, n))
         seconds = self.step_time.step_s(prefill, decode)
         if self._lmcache is not None:
-            seconds += self._lmcache.take_transfer_seconds()
+            seconds = self._lmcache.step_with_loads(seconds)
         for rid in out.num_scheduled_tokens:
             self._by_request[rid].attained_s += seconds
         return seconds

@@ -5,7 +5,9 @@ What is modelled (DESIGN.md section 4): write-through of every finished request'
 eviction; what the CPU tier evicts is demoted to a disk tier, also LRU; on a new request,
 the longest run of blocks beyond vLLM's own prefix hit that a tier holds is loaded
 synchronously, disk hits being promoted to CPU. Loads cost the profiled tier bandwidth and
-latency, added to the step that schedules the request. Entries are vLLM's block hashes,
+latency, added to the step that schedules the request, or with ``layerwise`` (LMCache's
+``use_layerwise``: layer i+1 loads while layer i computes) overlapped with the step's
+compute. Entries are vLLM's block hashes,
 so a hit is exactly the prefix a real LMCache lookup would find (at block rather than
 256-token chunk granularity).
 
@@ -97,8 +99,9 @@ class TierStore:
 class SimLMCacheConnector(SchedulerOnlyConnector):
     """Scheduler side only; configured by ``kv_connector_extra_config``:
     ``cpu_bytes``, ``disk_bytes``, ``kv_bytes_per_token``, ``tiers``
-    ({name: [bandwidth_bytes_per_s, latency_s]}) and ``write_through`` (default true;
-    false stores only what ``offload`` is given), which the replay fills in."""
+    ({name: [bandwidth_bytes_per_s, latency_s]}), ``write_through`` (default true;
+    false stores only what ``offload`` is given) and ``layerwise`` (default false), which
+    the replay fills in."""
 
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -113,14 +116,22 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
             LRUTier(int(extra["disk_bytes"] // self.block_bytes)),
         )
         self.write_through = bool(extra.get("write_through", True))
+        self.layerwise = bool(extra.get("layerwise", False))
+        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         self._planned: dict[str, tuple[int, list[str]]] = {}  # request -> (first block, tiers)
         self._transfer_s = 0.0
         self.loaded_tokens = dict.fromkeys(TIER_ORDER, 0)
 
-    def take_transfer_seconds(self) -> float:
-        """Load time accumulated since the last call (the engine adds it to the step)."""
-        seconds, self._transfer_s = self._transfer_s, 0.0
-        return seconds
+    def step_with_loads(self, compute_s: float) -> float:
+        """The step's time once the loads planned for it are done.
+
+        Synchronous loads run before the forward pass. Layerwise ones overlap it, one
+        layer ahead: the step takes the longer of the two plus one layer of the shorter.
+        """
+        load_s, self._transfer_s = self._transfer_s, 0.0
+        if not self.layerwise:
+            return compute_s + load_s
+        return max(compute_s, load_s) + min(compute_s, load_s) / self.num_layers
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int

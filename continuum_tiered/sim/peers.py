@@ -8,8 +8,11 @@
 | ``autellix`` | program-level least attained service (PLAS) | freed on finish |
 | ``static-ttl`` | program FCFS | pinned 2 s (Continuum's public code) |
 | ``continuum`` | program FCFS | pinned for the cost-model TTL (our connector) |
-| ``tiered`` | program FCFS | cost-model TTL priced at the LMCache tier that will hold the KV |
+| ``tiered`` | program FCFS | ours: tier-priced TTL, pressure order by expected saving/block |
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
+
+``tiered`` is ``policies/tiered.py`` over LMCache's CPU and disk tiers, configured with
+layerwise loads (``use_layerwise``), which overlap a reload with the forward pass.
 
 The oracle is the lower bound on what KV retention can buy: with memory for everything,
 queue order still matters, so it runs each order (request FCFS, program FCFS, PLAS) and
@@ -47,6 +50,7 @@ class Peer:
     pin_options: dict[str, Any] = field(default_factory=dict)
     lmcache: bool = False
     lmcache_write_through: bool = True  # False: only what the pin policy offloads is stored
+    lmcache_layerwise: bool = False  # loads overlap the forward pass (use_layerwise)
     unlimited_kv: bool = False
 
 
@@ -79,8 +83,9 @@ PEERS: dict[str, Peer] = {
             "tiered",
             scheduling_policy="priority",
             hooks=PROGRAM_FCFS,
-            pin_policy="continuum",
+            pin_policy="tiered",
             lmcache=True,
+            lmcache_layerwise=True,
         ),
         Peer("oracle", unlimited_kv=True),
     )

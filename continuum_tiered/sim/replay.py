@@ -83,6 +83,7 @@ def connector_config(peer: Peer, setup: ReplaySetup) -> dict[str, Any] | None:
             "kv_bytes_per_token": d.kv_bytes_per_token(),
             "tiers": tiers,
             "write_through": peer.lmcache_write_through,
+            "layerwise": peer.lmcache_layerwise,
         }
         configs.append(_kv(LMCACHE_CONNECTOR, extra))
     if peer.pin_policy is not None:
