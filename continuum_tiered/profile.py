@@ -3,7 +3,8 @@
 A profile names the model shape and device kind it was measured for, the bandwidth and
 latency of each KV tier below the GPU (CPU memory, disk), a quadratic fit of prefill
 time against context length and, optionally, a fit of decode step time against batch
-size and context length. It is stored as versioned JSON; loading validates every
+size and context length and, optionally, the same two fits of the serving engine's whole
+steps. It is stored as versioned JSON; loading validates every
 field and refuses a profile measured for another model shape or device kind.
 """
 
@@ -101,6 +102,30 @@ class Tier:
 
 
 @dataclass(frozen=True)
+class EngineSteps:
+    """Step times of the serving engine (vLLM with this model on this device), fitted like
+    the model-only curves: what a request waits for, with scheduling, input preparation,
+    the engine's own kernels, sampling and output processing included."""
+
+    prefill_coeffs: tuple[float, float, float]  # one request's prefill step, admission included
+    decode_coeffs: tuple[float, float, float]
+
+    def prefill_time(self, n_tokens: int) -> float:
+        c0, c1, c2 = self.prefill_coeffs
+        return c0 + c1 * n_tokens + c2 * n_tokens * n_tokens
+
+    def decode_step_time(self, batch: int, context_tokens: float) -> float:
+        d0, d1, d2 = self.decode_coeffs
+        return d0 + d1 * batch + d2 * batch * context_tokens
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "prefill_coeffs": list(self.prefill_coeffs),
+            "decode_coeffs": list(self.decode_coeffs),
+        }
+
+
+@dataclass(frozen=True)
 class TierProfile:
     version: int
     model: ModelShape
@@ -110,6 +135,7 @@ class TierProfile:
     source: str  # how the numbers were obtained
     # t = d0 + d1*batch + d2*batch*context seconds per decode step; None when not measured
     decode_coeffs: tuple[float, float, float] | None = None
+    engine: EngineSteps | None = None  # None when not measured
 
     def prefill_time(self, n_tokens: int) -> float:
         if n_tokens <= 0:
@@ -160,6 +186,8 @@ class TierProfile:
         }
         if self.decode_coeffs is not None:
             data["decode_coeffs"] = list(self.decode_coeffs)
+        if self.engine is not None:
+            data["engine"] = self.engine.to_json()
         return data
 
     def save(self, path: str | Path) -> None:
@@ -209,19 +237,15 @@ class TierProfile:
             if latency < 0:
                 raise ProfileError(f"$.tiers.{name}.latency_s: must be >= 0, got {latency}")
             tiers[name] = Tier(name, bandwidth, latency)
-        raw_coeffs = _get(root, "$", "prefill_coeffs", _list)
-        if len(raw_coeffs) != 3:
-            raise ProfileError(f"$.prefill_coeffs: got {raw_coeffs!r}, expected [c0, c1, c2]")
-        c0, c1, c2 = (_number(c, f"$.prefill_coeffs[{i}]") for i, c in enumerate(raw_coeffs))
-        _check_prefill_nonnegative(c0, c1, c2)
         return cls(
             version=version,
             model=model,
             device=_get(root, "$", "device", _string),
             tiers=tiers,
-            prefill_coeffs=(c0, c1, c2),
+            prefill_coeffs=_get(root, "$", "prefill_coeffs", _prefill_coeffs),
             source=_get(root, "$", "source", _string),
             decode_coeffs=_decode_coeffs(root.get("decode_coeffs")),
+            engine=_engine_steps(root.get("engine")),
         )
 
     @classmethod
@@ -296,7 +320,16 @@ def _number(value: object, path: str) -> float:
     return float(value)
 
 
-def _check_prefill_nonnegative(c0: float, c1: float, c2: float) -> None:
+def _prefill_coeffs(value: object, path: str) -> tuple[float, float, float]:
+    raw = _list(value, path)
+    if len(raw) != 3:
+        raise ProfileError(f"{path}: got {raw!r}, expected [c0, c1, c2]")
+    c0, c1, c2 = (_number(c, f"{path}[{i}]") for i, c in enumerate(raw))
+    _check_prefill_nonnegative(c0, c1, c2, path)
+    return c0, c1, c2
+
+
+def _check_prefill_nonnegative(c0: float, c1: float, c2: float, path: str) -> None:
     """t(n) must not be negative on [1, 1e6]: check both ends and the vertex."""
     points = [1.0, float(_CHECK_MAX_TOKENS)]
     if c2 > 0 and 1 < -c1 / (2 * c2) < _CHECK_MAX_TOKENS:
@@ -304,26 +337,36 @@ def _check_prefill_nonnegative(c0: float, c1: float, c2: float) -> None:
     for n in points:
         if c0 + c1 * n + c2 * n * n < 0:
             raise ProfileError(
-                f"$.prefill_coeffs: t(n) = {c0} + {c1}*n + {c2}*n^2 is negative at n = {n:.0f}"
+                f"{path}: t(n) = {c0} + {c1}*n + {c2}*n^2 is negative at n = {n:.0f}"
             )
 
 
-def _decode_coeffs(raw: object) -> tuple[float, float, float] | None:
+def _decode_coeffs(raw: object, path: str = "$.decode_coeffs") -> tuple[float, float, float] | None:
     """Optional in version 1: absent or null means not measured."""
     if raw is None:
         return None
-    values = _list(raw, "$.decode_coeffs")
+    values = _list(raw, path)
     if len(values) != 3:
-        raise ProfileError(f"$.decode_coeffs: got {values!r}, expected [d0, d1, d2]")
-    d0, d1, d2 = (_number(d, f"$.decode_coeffs[{i}]") for i, d in enumerate(values))
+        raise ProfileError(f"{path}: got {values!r}, expected [d0, d1, d2]")
+    d0, d1, d2 = (_number(d, f"{path}[{i}]") for i, d in enumerate(values))
     for i, d in enumerate((d0, d1, d2)):
         # Each term is a cost (per step, per sequence, per KV token read): none can be negative.
         if d < 0:
             raise ProfileError(
-                f"$.decode_coeffs[{i}]: must be >= 0 in t = d0 + d1*batch + d2*batch*context, "
-                f"got {d}"
+                f"{path}[{i}]: must be >= 0 in t = d0 + d1*batch + d2*batch*context, got {d}"
             )
     return d0, d1, d2
+
+
+def _engine_steps(raw: object) -> EngineSteps | None:
+    """Optional in version 1: absent or null means not measured."""
+    if raw is None:
+        return None
+    engine = _object(raw, "$.engine")
+    decode = _get(engine, "$.engine", "decode_coeffs", _decode_coeffs)
+    if decode is None:
+        raise ProfileError("$.engine.decode_coeffs: got None, expected [d0, d1, d2]")
+    return EngineSteps(_get(engine, "$.engine", "prefill_coeffs", _prefill_coeffs), decode)
 
 
 def fit_quadratic(ns: Sequence[float], ts: Sequence[float]) -> tuple[float, float, float]:

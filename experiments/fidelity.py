@@ -1,6 +1,7 @@
 """Fidelity of the virtual-time replay: predicted vs measured average JCT on this machine.
 
-1. Profile the demo model on this CPU (``continuum-tiered profile --device cpu``).
+1. Profile the demo model on this CPU (``continuum-tiered profile --device cpu --engine``):
+   the replay steps as long as the vLLM engine does, not as a bare forward pass.
 2. Replay a small SWE-bench slice in real time against ``continuum-tiered serve`` on the
    CPU build of vLLM (real HTTP, real engine, real tool pauses).
 3. Replay the same programs, arrivals and KV pool in virtual time with that profile.
@@ -45,7 +46,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_llama(args.out / "model", DEMO_SHAPE)
     profile = args.out / "cpu-profile.json"
-    measure = ["--device", "cpu", "--quick", "--max-tokens", "4096"]
+    measure = ["--device", "cpu", "--quick", "--engine", "--max-tokens", "4096"]
     if cli(["profile", "--model", str(model), *measure, "--out", str(profile)]) != 0:
         return 1
     programs = [

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from continuum_tiered.profile import (
     PROFILE_VERSION,
+    EngineSteps,
     ModelShape,
     ProfileError,
     Tier,
@@ -291,3 +292,45 @@ def test_decode_coeffs_validation(value: object, message: str) -> None:
     data = {**_profile().to_json(), "decode_coeffs": value}
     with pytest.raises(ProfileError, match=message):
         TierProfile.from_json(data)
+
+
+ENGINE = EngineSteps(prefill_coeffs=(0.007, 1e-4, 4e-9), decode_coeffs=(0.006, 1e-4, 1e-6))
+
+
+def test_engine_steps_round_trip(tmp_path: Path) -> None:
+    assert "engine" not in _profile().to_json()  # files without it stay as they were
+    profile = dataclasses.replace(_profile(), engine=ENGINE)
+    assert profile.to_json()["engine"] == {
+        "prefill_coeffs": [0.007, 1e-4, 4e-9],
+        "decode_coeffs": [0.006, 1e-4, 1e-6],
+    }
+    profile.save(tmp_path / "p.json")
+    assert TierProfile.load(tmp_path / "p.json") == profile
+    assert TierProfile.from_json({**_profile().to_json(), "engine": None}).engine is None
+    assert ENGINE.prefill_time(1000) == pytest.approx(0.007 + 0.1 + 4e-3)
+    assert ENGINE.decode_step_time(4, 1000) == pytest.approx(0.006 + 4e-4 + 4e-3)
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        ([0.0], r"\$\.engine: got .*expected an object"),
+        ({"decode_coeffs": [0, 0, 0]}, r"\$\.engine\.prefill_coeffs: missing"),
+        ({"prefill_coeffs": [0, 0, 0]}, r"\$\.engine\.decode_coeffs: missing"),
+        (
+            {"prefill_coeffs": [-1.0, 0, 0], "decode_coeffs": [0, 0, 0]},
+            r"\$\.engine\.prefill_coeffs: .*negative at n = 1\b",
+        ),
+        (
+            {"prefill_coeffs": [0, 0, 0], "decode_coeffs": [0, -1e-4, 0]},
+            r"\$\.engine\.decode_coeffs\[1\]: must be >= 0",
+        ),
+        (
+            {"prefill_coeffs": [0, 0, 0], "decode_coeffs": None},
+            r"\$\.engine\.decode_coeffs: got None",
+        ),
+    ],
+)
+def test_engine_steps_validation(engine: object, message: str) -> None:
+    with pytest.raises(ProfileError, match=message):
+        TierProfile.from_json({**_profile().to_json(), "engine": engine})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -292,6 +293,38 @@ def test_cuda_profile(tiny_model_dir: Path, tmp_path: Path) -> None:
     profile = TierProfile.load(out, expect_model=tiny_shape(tiny_model_dir), expect_device="cuda")
     assert profile.tiers["cpu"].bandwidth_bytes_per_s > 1e9  # PCIe or better
     assert "pinned allocation" in profile.source
+
+
+def test_engine_steps(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """--engine times vLLM's engine at the model's points (and one block of prefill more),
+    writes the fits into the profile, and leaves no engine process behind."""
+    captured: list[Measurements] = []
+
+    def spy(job: profiling_cli.ProfileJob) -> tuple[TierProfile, Measurements]:
+        profile, measurements = measure(job)
+        captured.append(measurements)
+        return profile, measurements
+
+    measure = profiling_cli.measure
+    out = tmp_path / "p.json"
+    argv = ["profile", "--model", str(tiny_model_dir), "--device", "cpu", "--quick", "--engine"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(profiling_cli, "measure", spy)
+        assert main([*argv, "--max-tokens", "256", "--out", str(out)]) == 0
+    assert not multiprocessing.active_children()
+    (m,) = captured
+    assert m.engine is not None
+    assert m.prefill.lengths == m.engine.prefill.lengths == (32, 64, 128, 256)
+    assert [(b, c) for b, c, _ in m.engine.decode.points] == [(b, c) for b, c, _ in m.decode.points]
+    assert all(t > 0 for *_, t in m.engine.decode.points)
+    profile = TierProfile.load(out)
+    assert profile.engine is not None
+    assert profile.engine.prefill_coeffs == pytest.approx(
+        compute.fit_prefill(list(m.engine.prefill.lengths), list(m.engine.prefill.seconds))[0]
+    )
+    assert profile.engine.decode_coeffs == pytest.approx(compute.fit_decode(m.engine.decode.points))
+    assert "--engine" in profile.source and "Engine: vLLM's LLMEngine" in profile.source
+    assert "engine decode batch" in capsys.readouterr().out
 
 
 def test_exit_code_from_the_command_line(tmp_path: Path) -> None:

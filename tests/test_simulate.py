@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from continuum_tiered.cli import main
-from continuum_tiered.profile import PROFILE_VERSION, ModelShape, TierProfile
+from continuum_tiered.profile import PROFILE_VERSION, EngineSteps, ModelShape, TierProfile
 from continuum_tiered.sim.deployment import Deployment
 from continuum_tiered.sim.lmcache_model import LRUTier, TierStore
 from continuum_tiered.sim.peers import PEERS
@@ -45,6 +46,18 @@ def test_a_two_turn_program_takes_the_hand_computed_time(simple_profile):
     assert run.jct_s == pytest.approx(0.047 + 1.0 + 0.031)
     assert run.hit_tokens == 32
     assert summary.prefix_hit_ratio == pytest.approx(32 / (32 + 48))
+
+
+def test_measured_engine_steps_replace_the_model_only_fits(simple_profile, tmp_path):
+    """A profile that timed the serving engine's steps is replayed at those step times."""
+    engine = EngineSteps(prefill_coeffs=(0.020, 0.002, 0.0), decode_coeffs=(0.010, 0.0, 0.0))
+    path = tmp_path / "engine.json"
+    dataclasses.replace(TierProfile.load(simple_profile), engine=engine).save(path)
+    program = TraceProgram("p", (Turn(32, 2, "grep", 1.0), Turn(48, 2, None, 0.0)), arrival_s=0.0)
+    _, (run,) = replay(PEERS["vllm"], [program], ReplaySetup(DEPLOYMENT, str(path)), 1)
+    # As above at the engine's costs: prefill 32 (0.020 + 0.064), decode (0.010); tool;
+    # prefill 16 after the 32-token hit (0.020 + 0.032), decode (0.010).
+    assert run.jct_s == pytest.approx(0.094 + 1.0 + 0.062)
 
 
 @pytest.fixture(scope="module")

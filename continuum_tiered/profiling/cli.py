@@ -20,8 +20,14 @@ import torch
 import transformers
 from transformers import PretrainedConfig
 
-from continuum_tiered.profile import PROFILE_VERSION, ModelShape, ProfileError, TierProfile
-from continuum_tiered.profiling import compute, disk, transfers
+from continuum_tiered.profile import (
+    PROFILE_VERSION,
+    EngineSteps,
+    ModelShape,
+    ProfileError,
+    TierProfile,
+)
+from continuum_tiered.profiling import compute, disk, engine, transfers
 from continuum_tiered.profiling.measure import (
     BLOCK_TOKENS,
     FULL,
@@ -53,12 +59,14 @@ class ProfileJob:
     """Everything a run needs, checked."""
 
     hf_config: PretrainedConfig
+    model_dir: Path  # the folder of config.json, for the vLLM engine
     shape: ModelShape
     device: str
     dtype: str
     tiers: list[TierRequest]
     max_tokens: int | None
     plan: Plan
+    engine: bool  # also time whole steps of the vLLM engine
     out: Path
     command: str
 
@@ -88,6 +96,12 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
         help="largest context measured (default: the model's, and 128k for transfers)",
     )
     p.add_argument("--quick", action="store_true", help="reduced grid, fewer repeats")
+    p.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time whole steps of the vLLM engine serving the model (what the "
+        "virtual-time replay then uses): scheduling, kernels, sampling, output processing",
+    )
     p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
     p.set_defaults(run=run_profile)
 
@@ -117,12 +131,14 @@ def job_from_args(args: argparse.Namespace) -> ProfileJob:
     check_output(args.out)
     return ProfileJob(
         hf_config=hf_config,
+        model_dir=config_path.parent,
         shape=shape,
         device=args.device,
         dtype=args.dtype,
         tiers=tiers,
         max_tokens=args.max_tokens,
         plan=QUICK if args.quick else FULL,
+        engine=args.engine,
         out=args.out,
         command=command_line(args),
     )
@@ -196,12 +212,15 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--max-tokens", str(args.max_tokens)]
     if args.quick:
         words.append("--quick")
+    if args.engine:
+        words.append("--engine")
     return shlex.join([*words, "--out", str(args.out)])
 
 
 def measure(job: ProfileJob) -> tuple[TierProfile, Measurements]:
     series, notes = _measure_tiers(job)
     prefill, decode = _measure_compute(job)
+    engine_result = _measure_engine(job, prefill, decode) if job.engine else None
     tier_series = {
         t.name: max(
             (s for s in series if s.tier == t.name and s.reload),
@@ -209,7 +228,7 @@ def measure(job: ProfileJob) -> tuple[TierProfile, Measurements]:
         )
         for t in job.tiers
     }
-    measurements = Measurements(series, tier_series, prefill, decode, notes)
+    measurements = Measurements(series, tier_series, prefill, decode, notes, engine_result)
     profile = TierProfile(
         version=PROFILE_VERSION,
         model=job.shape,
@@ -218,6 +237,8 @@ def measure(job: ProfileJob) -> tuple[TierProfile, Measurements]:
         prefill_coeffs=prefill.coeffs,
         source=_source(job, measurements),
         decode_coeffs=decode.coeffs,
+        engine=engine_result
+        and EngineSteps(engine_result.prefill.coeffs, engine_result.decode.coeffs),
     )
     # What we write must load: run the reader's checks now, not when a server starts.
     return TierProfile.from_json(profile.to_json(), job.shape, job.device), measurements
@@ -262,6 +283,23 @@ def _measure_compute(job: ProfileJob) -> tuple[compute.PrefillResult, compute.De
     )
     decode = compute.measure_decode(model, job.shape, grid, job.plan.decode_repeats, job.device)
     return prefill, decode
+
+
+def _measure_engine(
+    job: ProfileJob, prefill: compute.PrefillResult, decode: compute.DecodeResult
+) -> engine.EngineResult:
+    """The engine at the points the model was measured at, once the model is freed."""
+    if job.device == "cuda":
+        torch.cuda.empty_cache()
+    text = job.hf_config.get_text_config()
+    setup = engine.EngineSetup(
+        job.model_dir, job.device, job.dtype, text.vocab_size, text.max_position_embeddings
+    )
+    grid = [(b, c) for b, c, _ in decode.points]
+    plan = job.plan
+    return engine.measure_engine(
+        setup, list(prefill.lengths), grid, plan.prefill_repeats, plan.decode_repeats
+    )
 
 
 def _copy_budget(device: str) -> float:
@@ -312,4 +350,14 @@ def _source(job: ProfileJob, m: Measurements) -> str:
         f"{plan.decode_repeats} steps at (batch, context) "
         + ", ".join(f"({b}, {c})" for b, c, _ in m.decode.points)
         + ", nonnegative least squares."
+        + (_engine_source(m.engine) if m.engine else "")
+    )
+
+
+def _engine_source(result: engine.EngineResult) -> str:
+    return (
+        " Engine: vLLM's LLMEngine (engine-core and worker processes, no HTTP) with the "
+        "random-weight model, prefill = submit to first token of one prompt (median), "
+        f"{result.prefill.method}; decode = median of {engine.DECODE_WINDOW}-step windows "
+        "at the decode points, nonnegative least squares."
     )

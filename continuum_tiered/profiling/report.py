@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from continuum_tiered.profile import TierProfile
 from continuum_tiered.profiling.compute import DecodeResult, PrefillResult
+from continuum_tiered.profiling.engine import EngineResult
 from continuum_tiered.profiling.measure import Series
 
 
@@ -22,6 +23,7 @@ class Measurements:
     prefill: PrefillResult
     decode: DecodeResult
     notes: list[str]
+    engine: EngineResult | None = None  # whole vLLM engine steps, when measured
 
 
 def fit_errors(profile: TierProfile, m: Measurements) -> dict[str, float]:
@@ -39,6 +41,15 @@ def fit_errors(profile: TierProfile, m: Measurements) -> dict[str, float]:
         [t for _, _, t in m.decode.points],
         [profile.decode_step_time(b, c) for b, c, _ in m.decode.points],
     )
+    if m.engine is not None and profile.engine is not None:
+        fit = profile.engine
+        errors["engine prefill"] = _max_relative_error(
+            m.engine.prefill.seconds, [fit.prefill_time(n) for n in m.engine.prefill.lengths]
+        )
+        errors["engine decode"] = _max_relative_error(
+            [t for _, _, t in m.engine.decode.points],
+            [fit.decode_step_time(b, c) for b, c, _ in m.engine.decode.points],
+        )
     return errors
 
 
@@ -99,12 +110,50 @@ def summary(profile: TierProfile, m: Measurements, out: Path, png: Path) -> str:
         ),
         "decode t = {:.4g} + {:.4g} batch + {:.4g} batch*context s".format(*m.decode.coeffs),
         "",
+        *_engine_lines(profile, m),
         "largest fit error: "
         + ", ".join(f"{k} {v:.0%}" for k, v in fit_errors(profile, m).items()),
         *m.notes,
         f"wrote {out} and {png}",
     ]
     return "\n".join(lines)
+
+
+def _engine_lines(profile: TierProfile, m: Measurements) -> list[str]:
+    """The engine's measured steps next to the model-only fit at the same points."""
+    if m.engine is None or profile.engine is None:
+        return []
+    fit = profile.engine
+    prefill = _table(
+        ["engine prefill tokens", "measured", "fit", "model-only fit"],
+        [
+            [str(n), _ms(t), _ms(fit.prefill_time(n)), _ms(profile.prefill_time(n))]
+            for n, t in zip(m.engine.prefill.lengths, m.engine.prefill.seconds, strict=True)
+        ],
+    )
+    decode = _table(
+        ["engine decode batch", "context", "measured", "fit", "model-only fit"],
+        [
+            [
+                str(b),
+                str(c),
+                _ms(t),
+                _ms(fit.decode_step_time(b, c)),
+                _ms(profile.decode_step_time(b, c)),
+            ]
+            for b, c, t in m.engine.decode.points
+        ],
+    )
+    return [
+        prefill,
+        "engine prefill t(n) = {:.4g} + {:.4g} n + {:.4g} n^2 s".format(*fit.prefill_coeffs),
+        "",
+        decode,
+        "engine decode t = {:.4g} + {:.4g} batch + {:.4g} batch*context s".format(
+            *fit.decode_coeffs
+        ),
+        "",
+    ]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -138,6 +187,10 @@ def plot(profile: TierProfile, m: Measurements, png: Path) -> None:
     ns = np.linspace(1, max(m.prefill.lengths), 200)
     prefill.plot(m.prefill.lengths, m.prefill.seconds, "o", label="measured (median)")
     prefill.plot(ns, [profile.prefill_time(int(n)) for n in ns], "-", label="quadratic fit")
+    if m.engine is not None and profile.engine is not None:
+        engine = m.engine.prefill
+        prefill.plot(engine.lengths, engine.seconds, "s", label="vLLM engine (median)")
+        prefill.plot(ns, [profile.engine.prefill_time(n) for n in ns], "--", label="engine fit")
     prefill.set(xlabel="context tokens", ylabel="prefill time (s)", title="prefill")
     prefill.legend()
 

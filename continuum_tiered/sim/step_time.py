@@ -1,5 +1,11 @@
 """How long a GPU step of a scheduled batch takes, from a tier profile.
 
+A profile that measured the serving engine's whole steps (``profile --engine``) gives
+the fits below from those: a request waits for vLLM's scheduling, input preparation,
+sampling and output processing, and for vLLM's own attention kernels, not for a bare
+transformers forward pass (on the CPU build the two differ by 2x per KV token read).
+Without them, the model-only fits are used.
+
 - Prefill of ``n`` new tokens after ``o`` cached ones costs the increment of the profiled
   prefill curve t(n) = c0 + c1 n + c2 n^2 between o and o + n: linear work for the new
   tokens plus their attention over the whole context.
@@ -31,6 +37,8 @@ class StepTimeModel:
     def from_profile(
         cls, profile: TierProfile, hf_config: dict, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S
     ) -> StepTimeModel:
+        if profile.engine is not None:
+            return cls(profile.engine.prefill_coeffs, profile.engine.decode_coeffs)
         decode = profile.decode_coeffs
         if decode is None:
             weights = parameter_count(hf_config) * profile.model.dtype_bytes
