@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arri
 MAX_BATCHED_TOKENS = 2048
 MAX_SEQS = 64
 TARGET = 0.15
+PEER = "continuum"  # the retention policy on both sides
 
 
 def main() -> int:
@@ -58,11 +60,15 @@ def main() -> int:
     programs = with_poisson_arrivals(programs, args.jps, args.seed)
 
     engine = ["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--max-num-seqs", str(MAX_SEQS)]
-    command = plugin_server_command(model, args.kv_blocks, "--profile", str(profile), *engine)
+    # The policy the virtual replay runs: the server's default may be another one.
+    serve = ["--policy", PEER, "--profile", str(profile)]
+    command = plugin_server_command(model, args.kv_blocks, *serve, *engine)
     print("real time: starting continuum-tiered serve ...", flush=True)
     with ServerProcess(command, args.out / "server.log") as server:
         options = RunnerOptions(model="tiny", send_hints=True, seed=args.seed)
+        load_before = os.getloadavg()[0]
         records = asyncio.run(run_programs(server.url, programs, options))
+        load_after = os.getloadavg()[0]
     real = summarize_records("continuum", args.jps, records)
 
     deployment = Deployment(
@@ -75,10 +81,14 @@ def main() -> int:
     )
     print("virtual time: replaying the same programs ...", flush=True)
     virtual, _ = replay(
-        get_peer("continuum"), programs, ReplaySetup(deployment, str(profile), args.seed), args.jps
+        get_peer(PEER), programs, ReplaySetup(deployment, str(profile), args.seed), args.jps
     )
     error = virtual.avg_jct_s / real.avg_jct_s - 1
     print(f"\n{len(programs)} programs x {args.turns} turns, {args.jps} programs/s, CPU build")
+    print(
+        f"1-minute load average {load_before:.2f} before, {load_after:.2f} after the real run "
+        f"on {os.cpu_count()} CPUs (other work on these cores inflates real times)"
+    )
     print(f"{'':<18}{'real':>10}{'virtual':>10}")
     for key in ("avg_jct_s", "p95_jct_s", "prefix_hit_ratio"):
         print(f"{key:<18}{getattr(real, key):>10.2f}{getattr(virtual, key):>10.2f}")
