@@ -1,0 +1,78 @@
+"""The targets of the ``tiered`` policy (issue 7), checked on one setting's runs.
+
+A setting is one trace on one deployment at three loads (light, where ``vllm`` starts to
+saturate, heavier), every run with the same programs, seed and profile. Each check names
+what it compares and by how much, so a report can print it as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from continuum_tiered.metrics import RunSummary
+
+OURS = "tiered"
+ORACLE_SLACK = 1.10  # avg JCT at most 1.10x the oracle's
+CONTINUUM_GAIN = 0.90  # at the two heavier loads, avg JCT at most 0.90x Continuum's
+ROBUST_SLACK = 1.02  # shifted tools: at most 2% worse than the better baseline
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    jps: float
+    ratio: float  # ours over the reference: lower is better
+    limit: float
+
+    @property
+    def passed(self) -> bool:
+        """Judged at the three decimals the report prints: equal runs tie, not fail."""
+        return round(self.ratio, 3) <= self.limit
+
+    def line(self) -> str:
+        verdict = "pass" if self.passed else "MISS"
+        return f"{verdict}: {self.name} at {self.jps:g} jps: {self.ratio:.3f} (limit {self.limit})"
+
+
+def _by_policy(runs: Sequence[RunSummary], jps: float) -> dict[str, RunSummary]:
+    return {r.policy: r for r in runs if r.jps == jps}
+
+
+def setting_checks(runs: Sequence[RunSummary]) -> list[Check]:
+    """Oracle, Continuum and vLLM comparisons at each load of one setting."""
+    loads = sorted({r.jps for r in runs})
+    checks: list[Check] = []
+    for i, jps in enumerate(loads):
+        at = _by_policy(runs, jps)
+        ours = at[OURS]
+        checks.append(
+            Check("avg JCT / oracle", jps, ours.avg_jct_s / at["oracle"].avg_jct_s, ORACLE_SLACK)
+        )
+        if i >= len(loads) - 2:
+            continuum = at["continuum"]
+            checks += [
+                Check(
+                    "avg JCT / continuum", jps, ours.avg_jct_s / continuum.avg_jct_s, CONTINUUM_GAIN
+                ),
+                Check("p95 JCT / continuum", jps, ours.p95_jct_s / continuum.p95_jct_s, 1.0),
+            ]
+        vllm = at["vllm"]
+        checks += [
+            Check("avg JCT / vllm", jps, ours.avg_jct_s / vllm.avg_jct_s, 1.0),
+            Check(
+                "vllm throughput / ours",
+                jps,
+                vllm.throughput_programs_per_h / ours.throughput_programs_per_h,
+                1.0,
+            ),
+        ]
+    return checks
+
+
+def robustness_check(name: str, runs: Sequence[RunSummary]) -> Check:
+    """Ours against the better of ``vllm+lmcache`` and ``continuum`` on shifted tools."""
+    (jps,) = {r.jps for r in runs}
+    at = _by_policy(runs, jps)
+    best = min(at["vllm+lmcache"].avg_jct_s, at["continuum"].avg_jct_s)
+    return Check(f"{name}: avg JCT / best baseline", jps, at[OURS].avg_jct_s / best, ROBUST_SLACK)
