@@ -2,8 +2,11 @@
 
 Both servers run the same random model with the same KV pool, small enough that the
 programs compete for it, and replay the same SWE-bench programs (embedded slice, tokens
-scaled down, real per-tool pauses). Prints per-program turns, prefix-hit tokens and job
-completion times, and writes ``results.json`` and ``jct.png`` to the output folder.
+scaled down, real per-tool pauses). The plugin is the full system: the default policy with
+LMCache's CPU and disk tiers below the pins. Prints per-program turns, prefix-hit tokens and
+job completion times, and writes ``results.json`` and ``jct.png`` to the output folder.
+With ``--repeats N`` both run N times in turns and the first run's tables are followed by
+every run's average-JCT ratio and their median.
 The machinery is :mod:`continuum_tiered.experiment`'s; ``experiments/`` has more systems.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,6 +53,14 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--interarrival", type=float, default=0.5, help="mean seconds between programs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each server, in turns")
+    p.add_argument(
+        "--wait-for-servers",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="before each run, wait up to S seconds for other vLLM servers to stop",
+    )
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.set_defaults(run=run_demo)
 
@@ -81,6 +93,26 @@ def print_tables(runs: dict[str, SystemRun]) -> None:
             print(f"WARNING: {run.failed} programs failed on {system}", file=sys.stderr)
 
 
+def avg_jct_ratios(runs: dict[str, list[SystemRun]]) -> list[float]:
+    """vLLM's average JCT over ours, run by run."""
+    base, ours = (runs[s.name] for s in SYSTEMS)
+    return [b.summary.avg_jct_s / o.summary.avg_jct_s for b, o in zip(base, ours, strict=True)]
+
+
+def print_repeats(runs: dict[str, list[SystemRun]]) -> None:
+    """Each run's average-JCT ratio with the load average around both servers' runs."""
+    ratios = avg_jct_ratios(runs)
+    base, ours = (runs[s.name] for s in SYSTEMS)
+    print(f"\n{'run':>3} {'avg JCT vLLM s':>14} {'avg JCT ours s':>14} {'vLLM/ours':>9}  load")
+    for k, (b, o, ratio) in enumerate(zip(base, ours, ratios, strict=True), 1):
+        load = f"{b.load[0]:.2f}-{b.load[1]:.2f}, {o.load[0]:.2f}-{o.load[1]:.2f}"
+        print(
+            f"{k:>3} {b.summary.avg_jct_s:>14.2f} {o.summary.avg_jct_s:>14.2f} {ratio:>9.2f}  "
+            f"{load}"
+        )
+    print(f"median vLLM/ours over {len(ratios)} runs: {statistics.median(ratios):.2f}")
+
+
 def plot(runs: dict[str, SystemRun], path: Path) -> None:
     plt = pyplot()
     names = [r.program_id.split("__")[-1] for r in runs[SYSTEMS[0].name].records]
@@ -108,12 +140,23 @@ def run_demo(args: argparse.Namespace, _passthrough: list[str]) -> int:
     engine = Engine.random_cpu(write_tiny_llama(args.out / "model", DEMO_SHAPE), args.kv_blocks)
     jps = 1 / args.interarrival
     results = run_experiment(
-        SYSTEMS, demo_programs(args), engine, args.out, jps=jps, seed=args.seed
+        SYSTEMS,
+        demo_programs(args),
+        engine,
+        args.out,
+        jps=jps,
+        repeats=args.repeats,
+        seed=args.seed,
+        wait_s=args.wait_for_servers,
     )
     runs = {name: system_runs[0] for name, system_runs in results.runs.items()}
     print_tables(runs)
+    if args.repeats > 1:
+        print_repeats(results.runs)
     (args.out / "results.json").write_text(
-        json.dumps({name: run.to_json() for name, run in runs.items()}, indent=2)
+        json.dumps(
+            {name: [run.to_json() for run in rs] for name, rs in results.runs.items()}, indent=2
+        )
     )
     plot(runs, args.out / "jct.png")
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'jct.png'}")

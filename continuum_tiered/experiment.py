@@ -4,26 +4,31 @@ Each system gets its own server, started after the previous one stopped (one eng
 the machine at a time), and the same programs replayed in real time
 (:mod:`continuum_tiered.agent_runner`). With repeats the systems run in rounds, every
 system once and then again, so that a slow spell of a shared machine falls on all of them
-rather than on one. :mod:`continuum_tiered.experiment_report` writes the report.
+rather than on one. Before each run the experiment waits for other vLLM servers on the
+machine to stop, and records the load average around the run.
+:mod:`continuum_tiered.experiment_report` writes the report.
 
-Systems that cannot run here (LMCache needs a GPU) are skipped with their reason.
+On vLLM's CPU build LMCache runs through the plugin's CPU KV connector
+(:mod:`continuum_tiered.lmcache_cpu`); on a GPU it runs as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from tqdm import tqdm
 
 from continuum_tiered.agent_runner import (
@@ -40,6 +45,7 @@ from continuum_tiered.server import (
     tiny_engine_flags,
     vllm_command,
 )
+from continuum_tiered.tiers import Tiers
 from continuum_tiered.tiny_model import TinyLlamaShape
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
@@ -56,35 +62,90 @@ DEMO_SHAPE = TinyLlamaShape(
 )
 CPU_KV_BLOCKS = 256  # 32-token blocks: fewer than the programs' contexts together
 CPU_TOKEN_SCALE = 0.25  # SWE-bench contexts of ~10k tokens become a few thousand
+# The demo model's profile (``continuum-tiered profile --device cpu`` on a 2-core machine):
+# its prefill time and KV bytes per token, and the CPU and disk tiers' bandwidths.
+CPU_PROFILE = "cpu-demo-llama"
+
+
+@dataclass(frozen=True)
+class TierSizes:
+    """LMCache's tiers for the systems that have them: CPU memory, then a disk folder of
+    each run's own (removed after the run). Sizes as ``--tiers`` reads them."""
+
+    cpu: str
+    disk: str
+
+    def spec(self, scratch: Path) -> str:
+        """``continuum-tiered serve --tiers`` with the disk tier under ``scratch``."""
+        return f"cpu={self.cpu},disk={scratch}:{self.disk}:cleanup"
+
+
+# The 8 programs x 8 turns of the CPU runs end with ~18k tokens of context, 144 MiB of the
+# demo model's KV (8 KiB/token); the KV pool holds 64 MiB. A CPU tier of the pool's size
+# holds under half of it, so the older chunks live on disk only (LMCache writes every
+# chunk to both tiers and evicts the CPU copy first).
+CPU_TIERS = TierSizes(cpu="64MiB", disk="1GiB")
+GPU_TIERS = TierSizes(cpu="32GiB", disk="128GiB")
 
 
 @dataclass(frozen=True)
 class Engine:
-    """What every system of one experiment is served with: model, memory, engine flags."""
+    """What every system of one experiment is served with: model, memory, engine flags,
+    LMCache tiers, and the plugin's own options (its profile)."""
 
     model: str
     served_name: str  # the model name requests carry
     flags: tuple[str, ...] = ()
+    tiers: TierSizes = GPU_TIERS
+    plugin_options: tuple[str, ...] = ()
 
     @classmethod
-    def random_cpu(cls, model_dir: Path, kv_blocks: int) -> Engine:
+    def random_cpu(cls, model_dir: Path, kv_blocks: int, tiers: TierSizes = CPU_TIERS) -> Engine:
         """A random-weight model on the CPU build, with a KV pool of ``kv_blocks`` blocks."""
-        return cls(str(model_dir), "tiny", tuple(tiny_engine_flags(model_dir, kv_blocks)))
+        return cls(
+            str(model_dir),
+            "tiny",
+            tuple(tiny_engine_flags(model_dir, kv_blocks)),
+            tiers,
+            ("--profile", CPU_PROFILE),
+        )
 
 
-CommandBuilder = Callable[[Engine], list[str]]
+# A server command for one run; the folder is the run's own, for a disk tier.
+CommandBuilder = Callable[[Engine, Path], list[str]]
 
 
 def vanilla(*vllm_flags: str) -> CommandBuilder:
     """Plain vLLM, reporting prefix-cache hits in its replies' usage."""
-    return lambda engine: vllm_command(
+    return lambda engine, _scratch: vllm_command(
         engine.model, *engine.flags, "--enable-prompt-tokens-details", *vllm_flags
     )
 
 
-def plugin(*serve_options: str) -> CommandBuilder:
-    """``continuum-tiered serve`` with ``serve_options`` (its defaults without any)."""
-    return lambda engine: continuum_serve_command(engine.model, *serve_options, *engine.flags)
+def vanilla_lmcache(engine: Engine, scratch: Path) -> list[str]:
+    """Plain vLLM with LMCache's own connector and the same tiers and LMCache settings as
+    ``continuum-tiered serve --tiers`` (on the CPU build the plugin's entry point gives
+    LMCache our CPU KV connector; nothing else of the plugin is used)."""
+    tiers = Tiers.parse(engine.tiers.spec(scratch))
+    config = {
+        "kv_connector": "LMCacheConnectorV1",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": tiers.lmcache_config(),
+    }
+    return vanilla("--kv-transfer-config", json.dumps(config))(engine, scratch)
+
+
+def plugin(*serve_options: str, tiers: bool = False) -> CommandBuilder:
+    """``continuum-tiered serve`` with ``serve_options`` (its defaults without any), and
+    with LMCache's tiers below the pins when ``tiers``."""
+
+    def command(engine: Engine, scratch: Path) -> list[str]:
+        tier_options = ("--tiers", engine.tiers.spec(scratch)) if tiers else ()
+        return continuum_serve_command(
+            engine.model, *engine.plugin_options, *serve_options, *tier_options, *engine.flags
+        )
+
+    return command
 
 
 def gpu_name() -> str | None:
@@ -104,59 +165,19 @@ def gpu_name() -> str | None:
     return out.splitlines()[0].strip() if out.strip() else None
 
 
-def lmcache_unavailable() -> str | None:
-    """Why LMCache cannot run here, or None."""
-    if gpu_name() is None:
-        return "no GPU: LMCache's connector does not run on vLLM's CPU build"
-    try:
-        importlib.import_module("lmcache")
-    except Exception as err:  # any failure to import means no LMCache system
-        return f"the lmcache package does not import ({type(err).__name__}: {err})"
-    return None
-
-
-def tiers_unavailable() -> str:
-    return lmcache_unavailable() or (
-        "continuum-tiered serve cannot put LMCache's tiers under ContinuumConnector yet "
-        "(it owns --kv-transfer-config and no lower-tier hook is wired)"
-    )
-
-
 @dataclass(frozen=True)
 class System:
     name: str
-    command: CommandBuilder | None  # None: no server command exists for it yet
+    command: CommandBuilder
     send_hints: bool  # program priority and connector hints; vanilla vLLM rejects a priority
-    env: Mapping[str, str] = field(default_factory=dict)
-    unavailable: Callable[[], str | None] = lambda: None  # why it cannot run here
 
-    def skip_reason(self) -> str | None:
-        return self.unavailable() or (None if self.command else "no server command")
-
-
-# LMCache's CPU tier, configured through its environment variables; values already in the
-# environment win.
-LMCACHE_ENV = {
-    name: os.environ.get(name, default)
-    for name, default in {
-        "LMCACHE_CHUNK_SIZE": "256",
-        "LMCACHE_LOCAL_CPU": "True",
-        "LMCACHE_MAX_LOCAL_CPU_SIZE": "40",  # GB
-    }.items()
-}
-LMCACHE_CONFIG = json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})
 
 VLLM = System("vllm", vanilla(), send_hints=False)
-VLLM_LMCACHE = System(
-    "vllm+lmcache",
-    vanilla("--kv-transfer-config", LMCACHE_CONFIG),
-    send_hints=False,
-    env=LMCACHE_ENV,
-    unavailable=lmcache_unavailable,
-)
-CONTINUUM_TIERED = System("continuum-tiered", plugin(), send_hints=True)
+VLLM_LMCACHE = System("vllm+lmcache", vanilla_lmcache, send_hints=False)
+# The full system: the default policy (tiered) with LMCache's tiers.
+CONTINUUM_TIERED = System("continuum-tiered", plugin(tiers=True), send_hints=True)
 BASELINES = (VLLM, VLLM_LMCACHE, CONTINUUM_TIERED)
-# The paper's ablation: each step adds one piece to the one before.
+# The paper's ablation, each step adding one piece to the one before, then our policy.
 ABLATION = (
     VLLM,
     System("fcfs", plugin("--policy", "none"), send_hints=True),
@@ -166,7 +187,8 @@ ABLATION = (
         send_hints=True,
     ),
     System("fcfs+cost-ttl", plugin("--policy", "continuum"), send_hints=True),
-    System("fcfs+cost-ttl+tiers", None, send_hints=True, unavailable=tiers_unavailable),
+    System("fcfs+cost-ttl+tiers", plugin("--policy", "continuum", tiers=True), send_hints=True),
+    System("+tiered-policy", plugin("--policy", "tiered", tiers=True), send_hints=True),
 )
 
 
@@ -180,6 +202,7 @@ class SystemRun:
     records: list[ProgramRecord]
     summary: RunSummary
     counters: dict[str, float]  # the connector's Prometheus counters; empty for vanilla vLLM
+    load: tuple[float, float] = (math.nan, math.nan)  # 1-minute load average: start, end
 
     @property
     def failed(self) -> int:
@@ -189,6 +212,7 @@ class SystemRun:
         return {
             "summary": self.summary.to_json(),
             "failed_programs": self.failed,
+            "load_average_1m": {"start": self.load[0], "end": self.load[1]},
             "connector_counters": self.counters,
             "programs": [dataclasses.asdict(r) for r in self.records],
         }
@@ -197,7 +221,6 @@ class SystemRun:
 @dataclass
 class Results:
     runs: dict[str, list[SystemRun]]  # by system, in order, one per repeat
-    skipped: dict[str, str]  # system -> why
 
 
 def trace_programs(
@@ -219,6 +242,33 @@ def connector_counters(url: str) -> dict[str, float]:
     }
 
 
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def other_vllm_servers() -> list[int]:
+    """Pids of vLLM API servers on the machine that this process did not start."""
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.info["pid"] not in ours and VLLM_SERVER_MODULE in (
+            process.info["cmdline"] or ()
+        ):
+            found.append(process.info["pid"])
+    return found
+
+
+def wait_for_quiet_machine(max_wait_s: float = 600.0, poll_s: float = 30.0) -> None:
+    """Wait until no other vLLM server runs (they would share the cores with ours); after
+    ``max_wait_s`` go on with a warning, and the run's load average tells the reader."""
+    deadline = time.monotonic() + max_wait_s
+    while servers := other_vllm_servers():
+        if time.monotonic() >= deadline:
+            tqdm.write(f"WARNING: other vLLM servers still run (pids {servers}); going on")
+            return
+        tqdm.write(f"waiting for other vLLM servers to stop (pids {servers}) ...")
+        time.sleep(poll_s)
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
@@ -232,19 +282,33 @@ def run_system(
     jps: float,
     seed: int,
     on_done: Callable[[ProgramRecord], None],
+    wait_s: float,
 ) -> SystemRun:
-    assert system.command is not None, f"{system.name} has no server command"
-    command = system.command(engine)
-    log = out_dir / "logs" / f"{slug(system.name)}-{repeat}.log"
+    name = f"{slug(system.name)}-{repeat}"
+    scratch = out_dir / "tiers" / name  # the run's disk tier, if it has one
+    scratch.mkdir(parents=True, exist_ok=True)
+    command = system.command(engine, scratch)
+    log = out_dir / "logs" / f"{name}.log"
+    wait_for_quiet_machine(wait_s)
     tqdm.write(f"[{system.name}] run {repeat}: starting the server (log: {log}) ...")
-    with ServerProcess(command, log, env=dict(system.env)) as server:
-        options = RunnerOptions(model=engine.served_name, send_hints=system.send_hints, seed=seed)
-        records = asyncio.run(run_programs(server.url, programs, options, on_done))
-        counters = connector_counters(server.url)
+    try:
+        with ServerProcess(command, log) as server:
+            load_start = os.getloadavg()[0]
+            options = RunnerOptions(
+                model=engine.served_name, send_hints=system.send_hints, seed=seed
+            )
+            records = asyncio.run(run_programs(server.url, programs, options, on_done))
+            load_end = os.getloadavg()[0]
+            counters = connector_counters(server.url)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    tqdm.write(f"[{system.name}] load average {load_start:.2f} -> {load_end:.2f}")
     if counters:
         tqdm.write(f"[{system.name}] {', '.join(f'{k}={v:g}' for k, v in counters.items())}")
     summary = summarize_records(system.name, jps, records)
-    return SystemRun(system.name, repeat, command, records, summary, counters)
+    return SystemRun(
+        system.name, repeat, command, records, summary, counters, (load_start, load_end)
+    )
 
 
 def run_experiment(
@@ -256,23 +320,29 @@ def run_experiment(
     jps: float,
     repeats: int = 1,
     seed: int = 0,
+    wait_s: float = 600.0,
 ) -> Results:
-    """Every runnable system ``repeats`` times on ``programs``; server logs go to
-    ``out_dir/logs``. ``jps`` only labels the summaries (arrivals are in ``programs``)."""
+    """Every system ``repeats`` times on ``programs``; server logs go to ``out_dir/logs``.
+    ``jps`` only labels the summaries (arrivals are in ``programs``). Each run first waits
+    up to ``wait_s`` for other vLLM servers on the machine to stop."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    skipped = {s.name: reason for s in systems if (reason := s.skip_reason())}
-    for name, reason in skipped.items():
-        print(f"[{name}] skipped: {reason}", flush=True)
-    runnable = [s for s in systems if s.name not in skipped]
-    runs: dict[str, list[SystemRun]] = {s.name: [] for s in runnable}
-    total = repeats * len(runnable) * len(programs)
+    runs: dict[str, list[SystemRun]] = {s.name: [] for s in systems}
+    total = repeats * len(systems) * len(programs)
     with tqdm(total=total, unit="program", desc="experiment") as bar:
         for repeat in range(1, repeats + 1):
-            for system in runnable:
+            for system in systems:
                 bar.set_postfix_str(f"{system.name}, run {repeat}/{repeats}")
                 run = run_system(
-                    system, repeat, programs, engine, out_dir, jps, seed, lambda _: bar.update()
+                    system,
+                    repeat,
+                    programs,
+                    engine,
+                    out_dir,
+                    jps,
+                    seed,
+                    lambda _: bar.update(),
+                    wait_s,
                 )
                 runs[system.name].append(run)
-    return Results(runs, skipped)
+    return Results(runs)

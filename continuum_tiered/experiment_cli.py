@@ -3,7 +3,9 @@
 Without ``--model`` they run on vLLM's CPU build with the random :data:`DEMO_SHAPE` Llama,
 written to the output folder (no download), a KV pool of ``--kv-blocks`` blocks and the
 trace's tokens scaled by ``--token-scale``. With ``--model`` they serve that model (on a
-GPU) with the engine flags given by ``--vllm-arg``, the same for every system.
+GPU) with the engine flags given by ``--vllm-arg``, the same for every system. Systems with
+LMCache get a CPU tier of ``--cpu-tier`` and a disk tier of ``--disk-tier`` in the output
+folder (one per run, removed after it).
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ from pathlib import Path
 
 from continuum_tiered.experiment import (
     CPU_KV_BLOCKS,
+    CPU_TIERS,
     CPU_TOKEN_SCALE,
     DEMO_SHAPE,
+    GPU_TIERS,
     Engine,
     Results,
     System,
+    TierSizes,
     gpu_name,
     run_experiment,
     trace_programs,
 )
 from continuum_tiered.experiment_report import (
+    per_run_table,
     ratio_table,
     ratios_to_baseline,
     run_table,
@@ -64,9 +70,27 @@ def experiment_parser(description: str, default_out: Path) -> argparse.ArgumentP
         type=int,
         help=f"KV pool in 32-token blocks (CPU build only; default {CPU_KV_BLOCKS})",
     )
+    p.add_argument(
+        "--cpu-tier",
+        help=f"LMCache's CPU tier (default {CPU_TIERS.cpu} on the CPU build, less than the "
+        f"programs' KV; {GPU_TIERS.cpu} with --model)",
+    )
+    p.add_argument(
+        "--disk-tier",
+        help=f"LMCache's disk tier (default {CPU_TIERS.disk} on the CPU build, "
+        f"{GPU_TIERS.disk} with --model)",
+    )
     p.add_argument("--jps", type=float, default=2.0, help="program arrivals per second")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs of each system")
+    p.add_argument(
+        "--wait-for-servers",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="before each run, wait up to S seconds for other vLLM servers on the machine "
+        "to stop (they would share its cores)",
+    )
     p.add_argument("--out", type=Path, default=default_out)
     return p
 
@@ -84,14 +108,16 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.token_scale = 1.0 if args.model else CPU_TOKEN_SCALE
     if args.kv_blocks is None and not args.model:
         args.kv_blocks = CPU_KV_BLOCKS
+    default_tiers = GPU_TIERS if args.model else CPU_TIERS
+    args.tiers = TierSizes(args.cpu_tier or default_tiers.cpu, args.disk_tier or default_tiers.disk)
 
 
 def engine_for(args: argparse.Namespace) -> Engine:
     if args.model:
         flags = [flag for arg in args.vllm_arg for flag in shlex.split(arg)]
-        return Engine(args.model, args.model, tuple(flags))
+        return Engine(args.model, args.model, tuple(flags), args.tiers)
     model_dir = write_tiny_llama(args.out / "model", DEMO_SHAPE)
-    return Engine.random_cpu(model_dir, args.kv_blocks)
+    return Engine.random_cpu(model_dir, args.kv_blocks, args.tiers)
 
 
 def _version(distribution: str) -> str | None:
@@ -126,6 +152,8 @@ def setup_lines(args: argparse.Namespace, trace: str, engine: Engine) -> dict[st
         f"x{args.token_scale:g}, {args.jps:g} programs/s (Poisson, seed {args.seed})",
         "model": model,
         "engine flags": shlex.join(engine.flags),
+        "LMCache tiers": f"CPU {engine.tiers.cpu}, disk {engine.tiers.disk}",
+        "plugin options": shlex.join(engine.plugin_options) or "none",
         **machine_info(),
     }
 
@@ -135,6 +163,7 @@ def print_summary(results: Results, report: Path) -> None:
     if ratios := ratios_to_baseline(results):
         repeats = len(next(iter(results.runs.values())))
         print(f"\n{ratio_table(ratios, repeats)}")
+        print(f"\n{per_run_table(results)}")
     print(f"\nwrote {report} and the plots beside it")
 
 
@@ -156,7 +185,14 @@ def experiment_main(
         trace, args.programs, args.turns, args.token_scale, args.jps, args.seed
     )
     results = run_experiment(
-        systems, programs, engine, args.out, jps=args.jps, repeats=args.repeats, seed=args.seed
+        systems,
+        programs,
+        engine,
+        args.out,
+        jps=args.jps,
+        repeats=args.repeats,
+        seed=args.seed,
+        wait_s=args.wait_for_servers,
     )
     report = write_report(results, args.out, title, setup_lines(args, trace, engine))
     print_summary(results, report)

@@ -32,8 +32,12 @@ class Ratios:
     throughput_gain: float  # the system's programs per hour / vLLM's
 
 
+def _ratio_of(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
 def _median_ratio(pairs: Sequence[tuple[float, float]]) -> float:
-    ratios = [a / b for a, b in pairs if b > 0 and not math.isnan(a / b)]
+    ratios = [r for a, b in pairs if not math.isnan(r := _ratio_of(a, b))]
     return statistics.median(ratios) if ratios else math.nan
 
 
@@ -77,6 +81,25 @@ def ratio_table(rows: Sequence[Ratios], repeats: int) -> str:
     return "\n".join(lines)
 
 
+def per_run_table(results: Results, baseline: str = BASELINE) -> str:
+    """Each run's average-JCT speedup over the baseline's run of the same round, with the
+    1-minute load average at the start and end of the system's run."""
+    base = results.runs.get(baseline, [])
+    repeats = len(base)
+    lines = [
+        "| system | " + " | ".join(f"run {k}" for k in range(1, repeats + 1)) + " |",
+        "|---" * (repeats + 1) + "|",
+    ]
+    for name, runs in results.runs.items():
+        cells = [
+            f"{_ratio(_ratio_of(b.summary.avg_jct_s, r.summary.avg_jct_s))} "
+            f"(load {r.load[0]:.1f}-{r.load[1]:.1f})"
+            for b, r in zip(base, runs, strict=True)
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _all_runs(results: Results) -> list[SystemRun]:
     return [run for runs in results.runs.values() for run in runs]
 
@@ -113,7 +136,7 @@ def plot_avg_jct(results: Results, path: Path) -> None:
 
 
 def write_report(results: Results, out_dir: Path, title: str, setup: Mapping[str, str]) -> Path:
-    """``report.md`` (setup, tables, skipped systems, server commands), ``results.json``,
+    """``report.md`` (setup, tables, server commands), ``results.json``,
     ``jct_cdf.png`` (every run's programs pooled per system) and ``avg_jct.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     repeats = max((len(runs) for runs in results.runs.values()), default=0)
@@ -137,6 +160,11 @@ def write_report(results: Results, out_dir: Path, title: str, setup: Mapping[str
             "",
             ratio_table(ratios, repeats),
             "",
+            "Per run: average-JCT speedup (1-minute load average at the start and end of the "
+            "system's run, on the machine's CPUs).",
+            "",
+            per_run_table(results),
+            "",
         ]
     lines += ["![JCT CDF](jct_cdf.png) ![average JCT](avg_jct.png)", ""]
     counters = [
@@ -146,8 +174,6 @@ def write_report(results: Results, out_dir: Path, title: str, setup: Mapping[str
     ]
     if counters:
         lines += ["## Connector counters", "", *counters, ""]
-    if results.skipped:
-        lines += ["## Skipped", "", *(f"- {n}: {why}" for n, why in results.skipped.items()), ""]
     lines += ["## Server commands", ""]
     lines += [f"- {n}: `{' '.join(runs[0].command)}`" for n, runs in results.runs.items()]
     report = out_dir / "report.md"
@@ -156,7 +182,6 @@ def write_report(results: Results, out_dir: Path, title: str, setup: Mapping[str
         json.dumps(
             {
                 "setup": dict(setup),
-                "skipped": results.skipped,
                 "runs": {n: [r.to_json() for r in runs] for n, runs in results.runs.items()},
             },
             indent=2,

@@ -1,5 +1,5 @@
-"""BFCL v4 multi-turn programs on live servers: vLLM, vLLM + LMCache (GPU only),
-continuum-tiered.
+"""BFCL v4 multi-turn programs on live servers: vLLM, vLLM + LMCache, continuum-tiered
+(with tiers).
 
     python experiments/bfcl.py [--programs 8] [--turns 8] [--jps 2] [--repeats 3]
         [--model NAME --vllm-arg='FLAGS' ...] [--out out/bfcl]

@@ -1,4 +1,4 @@
-"""SWE-bench programs on live servers: vLLM, vLLM + LMCache (GPU only), continuum-tiered.
+"""SWE-bench programs on live servers: vLLM, vLLM + LMCache, continuum-tiered (with tiers).
 
     python experiments/swebench.py [--programs 8] [--turns 8] [--jps 2] [--repeats 3]
         [--model NAME --vllm-arg='FLAGS' ...] [--out out/swebench]

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +19,15 @@ from continuum_tiered.experiment import (
     ABLATION,
     BASELINES,
     CONTINUUM_TIERED,
+    GPU_TIERS,
     VLLM,
     VLLM_LMCACHE,
     Engine,
     Results,
     SystemRun,
-    gpu_name,
+    other_vllm_servers,
     trace_programs,
+    wait_for_quiet_machine,
 )
 from continuum_tiered.experiment_cli import (
     engine_for,
@@ -29,8 +36,11 @@ from continuum_tiered.experiment_cli import (
     setup_lines,
 )
 from continuum_tiered.experiment_report import ratios_to_baseline, write_report
+from continuum_tiered.profile import load_named_profile
+from continuum_tiered.tiers import Tiers
 
 ENGINE = Engine.random_cpu(Path("/models/tiny"), 64)
+SCRATCH = Path("/scratch/run-1")
 
 
 def fake_run(system: str, repeat: int, jcts: list[float], failed: int = 0) -> SystemRun:
@@ -42,42 +52,95 @@ def fake_run(system: str, repeat: int, jcts: list[float], failed: int = 0) -> Sy
     records += [ProgramRecord(f"bad{k}", 0.0, 1.0, error="boom") for k in range(failed)]
     counters = {"pins_created": 3.0} if system != "vllm" else {}
     summary = summarize_records(system, 2.0, records)
-    return SystemRun(system, repeat, ["serve", system], records, summary, counters)
+    load = (1.0 + repeat, 2.0 + repeat)
+    return SystemRun(system, repeat, ["serve", system], records, summary, counters, load)
+
+
+def option(command: list[str], name: str) -> str | None:
+    """The value after ``name`` in a command line, or None."""
+    return command[command.index(name) + 1] if name in command else None
 
 
 def test_vanilla_sends_no_hints_and_has_no_connector():
-    command = VLLM.command(ENGINE)
+    command = VLLM.command(ENGINE, SCRATCH)
     assert "vllm.entrypoints.openai.api_server" in command
     assert "--kv-transfer-config" not in command
     assert "--enable-prompt-tokens-details" in command
     assert "--num-gpu-blocks-override" in command  # same memory as every other system
     assert not VLLM.send_hints
-    assert VLLM.skip_reason() is None
 
 
-def test_plugin_systems_serve_with_their_policy():
+def test_vllm_lmcache_is_plain_vllm_with_the_plugins_lmcache_settings():
+    command = VLLM_LMCACHE.command(ENGINE, SCRATCH)
+    assert "vllm.entrypoints.openai.api_server" in command and "serve" not in command
+    config = json.loads(option(command, "--kv-transfer-config") or "{}")
+    assert config["kv_connector"] == "LMCacheConnectorV1"
+    extra = config["kv_connector_extra_config"]
+    assert extra == Tiers.parse(ENGINE.tiers.spec(SCRATCH)).lmcache_config()
+    assert extra["lmcache.local_disk"].startswith(f"file://{SCRATCH}/")
+    assert not VLLM_LMCACHE.send_hints
+
+
+def test_the_full_system_has_the_default_policy_and_tiers():
+    command = CONTINUUM_TIERED.command(ENGINE, SCRATCH)
     assert CONTINUUM_TIERED.send_hints
-    assert CONTINUUM_TIERED.command(ENGINE)[2:5] == ["continuum_tiered.cli", "serve", ENGINE.model]
-    commands = {s.name: s.command(ENGINE) for s in ABLATION if s.command}
-    assert ABLATION[0] is VLLM
-    assert commands["fcfs"][5:7] == ["--policy", "none"]
-    assert commands["fcfs+ttl-2s"][5:9] == [
-        "--policy",
-        "static-ttl",
-        "--policy-option",
-        "ttl_s=2",
-    ]
-    assert commands["fcfs+cost-ttl"][5:7] == ["--policy", "continuum"]
-    for command in commands.values():
-        assert "--num-gpu-blocks-override" in command
-
-
-@pytest.mark.skipif(gpu_name() is not None, reason="LMCache may run on this GPU machine")
-def test_lmcache_systems_are_skipped_without_a_gpu():
-    assert "no GPU" in (VLLM_LMCACHE.skip_reason() or "")
-    tiers = ABLATION[-1]
-    assert tiers.command is None and "no GPU" in (tiers.skip_reason() or "")
+    assert command[2:5] == ["continuum_tiered.cli", "serve", ENGINE.model]
+    assert option(command, "--policy") is None
+    assert option(command, "--tiers") == f"cpu=64MiB,disk={SCRATCH}:1GiB:cleanup"
     assert [s.name for s in BASELINES] == ["vllm", "vllm+lmcache", "continuum-tiered"]
+
+
+def test_ablation_adds_one_piece_per_step():
+    commands = {s.name: s.command(ENGINE, SCRATCH) for s in ABLATION}
+    assert list(commands) == [
+        "vllm",
+        "fcfs",
+        "fcfs+ttl-2s",
+        "fcfs+cost-ttl",
+        "fcfs+cost-ttl+tiers",
+        "+tiered-policy",
+    ]
+    assert [(option(c, "--policy"), "--tiers" in c) for c in commands.values()] == [
+        (None, False),
+        ("none", False),
+        ("static-ttl", False),
+        ("continuum", False),
+        ("continuum", True),
+        ("tiered", True),
+    ]
+    assert option(commands["fcfs+ttl-2s"], "--policy-option") == "ttl_s=2"
+    for name, command in commands.items():
+        assert "--num-gpu-blocks-override" in command
+        assert option(command, "--profile") == (None if name == "vllm" else "cpu-demo-llama")
+
+
+def test_cpu_profile_matches_the_demo_model_and_has_both_tiers():
+    profile = load_named_profile("cpu-demo-llama")
+    assert profile.model.kv_bytes_per_token == 8192  # 2 x 4 layers x 8 heads x 64 x bf16
+    assert set(profile.tiers) == {"cpu", "disk"}
+    assert profile.reload_time("cpu", 2048) < profile.reload_time("disk", 2048)
+    assert profile.reload_time("disk", 2048) < profile.prefill_time(2048)
+
+
+def test_other_vllm_servers_are_waited_for_then_reported(capsys: pytest.CaptureFixture[str]):
+    """A process whose command line names vLLM's server module is another server unless
+    this process started it."""
+    sleeper = "import sys, time; time.sleep(float(sys.argv[1]))"
+    command = [sys.executable, "-c", sleeper, "30", "vllm.entrypoints.openai.api_server"]
+    before = set(other_vllm_servers())
+    with subprocess.Popen(command) as ours:
+        assert set(other_vllm_servers()) == before
+        ours.kill()
+    # Started by a shell that exits at once, the same command is no child of ours.
+    subprocess.run(["bash", "-c", f"{shlex.join(command)} >/dev/null 2>&1 &"], check=True)
+    foreign = set(other_vllm_servers()) - before
+    try:
+        assert len(foreign) == 1
+        wait_for_quiet_machine(max_wait_s=0.2, poll_s=0.1)
+        assert "other vLLM servers still run" in capsys.readouterr().out
+    finally:
+        for pid in foreign:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_ratios_are_medians_of_paired_runs():
@@ -86,7 +149,6 @@ def test_ratios_are_medians_of_paired_runs():
             "vllm": [fake_run("vllm", k, [j, j]) for k, j in enumerate((10.0, 20.0, 30.0), 1)],
             "ours": [fake_run("ours", k, [j, j]) for k, j in enumerate((5.0, 5.0, 30.0), 1)],
         },
-        skipped={},
     )
     vllm, ours = ratios_to_baseline(results)
     assert vllm.avg_jct_speedup == pytest.approx(1.0)
@@ -94,13 +156,12 @@ def test_ratios_are_medians_of_paired_runs():
     assert ours.throughput_gain > 1
 
 
-def test_report_has_tables_plots_and_skips(tmp_path: Path):
+def test_report_has_tables_plots_and_loads(tmp_path: Path):
     results = Results(
         runs={
             "vllm": [fake_run("vllm", 1, [10.0, 12.0])],
             "continuum-tiered": [fake_run("continuum-tiered", 1, [5.0, 6.0], failed=1)],
         },
-        skipped={"vllm+lmcache": "no GPU: LMCache's connector does not run on vLLM's CPU build"},
     )
     report = write_report(results, tmp_path, "Test", {"command": "swebench.py --repeats 1"})
     text = report.read_text()
@@ -108,19 +169,18 @@ def test_report_has_tables_plots_and_skips(tmp_path: Path):
     assert "| continuum-tiered | 2.00x |" in text
     assert "- continuum-tiered (run 1): 1" in text  # failed programs
     assert "pins_created=3" in text
-    assert "vllm+lmcache: no GPU" in text
+    assert "| continuum-tiered | 2.00x (load 2.0-3.0) |" in text  # per run, with its load
     assert "`serve vllm`" in text and "swebench.py --repeats 1" in text
     for name in ("jct_cdf.png", "avg_jct.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"]["continuum-tiered"][0]["failed_programs"] == 1
-    assert saved["skipped"] == results.skipped
+    assert saved["runs"]["vllm"][0]["load_average_1m"] == {"start": 2.0, "end": 3.0}
 
 
 def test_ratio_of_a_system_without_completed_programs_is_nan():
     results = Results(
         runs={"vllm": [fake_run("vllm", 1, [1.0])], "dead": [fake_run("dead", 1, [], failed=2)]},
-        skipped={},
     )
     assert math.isnan(ratios_to_baseline(results)[1].avg_jct_speedup)
 
@@ -133,6 +193,7 @@ def test_cli_defaults_and_gpu_engine(tmp_path: Path):
     setup = setup_lines(args, "swebench", ENGINE)
     assert "hidden 512, MLP 1536, 4 layers" in setup["model"]
     assert "8 programs x first 8 turns, tokens x0.25" in setup["trace"]
+    assert setup["LMCache tiers"] == "CPU 64MiB, disk 1GiB"
     bad = experiment_parser("t", tmp_path).parse_args(["--model", "m", "--kv-blocks", "9"])
     with pytest.raises(SystemExit, match="num-gpu-blocks-override"):
         resolve_defaults(bad)
@@ -144,6 +205,7 @@ def test_cli_defaults_and_gpu_engine(tmp_path: Path):
     engine = engine_for(args)
     assert engine.flags == ("--max-model-len", "32768")
     assert engine.served_name == "meta-llama/Llama-3.1-8B"
+    assert (engine.tiers, engine.plugin_options) == (GPU_TIERS, ())
 
 
 def test_trace_programs_are_cut_and_spread():
@@ -162,5 +224,9 @@ def test_demo_prints_its_table_and_plots(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "JCT ours s" in out and "p1" in out
     assert "avg_jct_s                   11.00       5.50       2.00" in out
+    demo.print_repeats({name: [run, run] for name, run in runs.items()})
+    out = capsys.readouterr().out
+    assert "  2          11.00           5.50      2.00  2.00-3.00, 2.00-3.00" in out
+    assert "median vLLM/ours over 2 runs: 2.00" in out
     demo.plot(runs, tmp_path / "jct.png")
     assert (tmp_path / "jct.png").read_bytes()[:4] == b"\x89PNG"
