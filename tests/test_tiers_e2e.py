@@ -4,8 +4,14 @@ One tiered server (pins with a 2 s TTL, LMCache CPU tier of 15 chunks, disk tier
 cleanup) plays programs whose second turn finds its prefix in a different place:
 a live pin (GPU), LMCache's CPU tier after the pin expired and other programs took its
 GPU blocks, LMCache's disk tier after other programs also pushed it out of the CPU tier,
-nowhere (recompute), and a disk tier whose files were deleted under it (recomputed).
+nowhere (recompute), a disk tier whose files were deleted under it (recomputed), and a disk
+tier whose filesystem filled up (recomputed; once there is room again, stored and found).
 A plain vLLM server gives the reference greedy outputs first.
+
+The disk tier lives on a small tmpfs mounted for the module, so that it can really run out
+of space (ENOSPC from the kernel, not a simulated error). Mounting needs root, as in CI's
+container; where it is refused the module fails saying so rather than skipping, because a
+skip would hide an untested requirement of issue 3.
 
 Sizes: the tiny model's KV is 512 bytes a token, so a 256-token LMCache chunk is 128 KiB;
 the GPU pool holds 63 blocks of 32 tokens, and a 1,200-token program takes 38 of them.
@@ -13,14 +19,22 @@ the GPU pool holds 63 blocks of 32 tokens, and a 1,200-token program takes 38 of
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import os
 import random
+import shutil
+import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from continuum_tiered.connectors.lmcache_residency import guard_disk_writes
 from continuum_tiered.server import (
     ServerProcess,
     plugin_server_command,
@@ -34,6 +48,40 @@ TTL_S = 2.0
 CHUNK = 256
 PREFIX = 3 * CHUNK  # a program's first prompt: three whole LMCache chunks
 CPU_TIER = "1920KiB"  # 15 chunks: holds one program plus two fillers, not one plus four
+DISK_TIER = "16MB"  # LMCache evicts at this size, so the 24 MiB filesystem fills only when
+DISK_FS = "24m"  # the test writes a filler file into it
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``path`` while the block runs."""
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(
+            f"cannot mount a {size} tmpfs on {path} for the full-disk tier case (needs root): "
+            f"{mounted.stderr.strip()}",
+            pytrace=False,
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill_filesystem(path: Path) -> None:
+    """Write ``path`` until the filesystem under it has no space left."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -72,47 +120,93 @@ class Client:
         }
 
 
-def play(client: Client, pause: float, delete_disk_files: Callable[[], None]) -> dict[str, dict]:
-    """Every program's two turns; the second turn's prefix source is in the program name."""
+class DiskTier:
+    """What ``play`` does to the server's disk tier; the plain vLLM server has none."""
+
+    def delete_files(self) -> None: ...
+
+    def fill(self) -> None: ...
+
+    def free(self) -> None: ...
+
+
+class TmpfsDiskTier(DiskTier):
+    def __init__(self, root: Path):
+        self.root = root
+        self.deleted: list[Path] = []
+        self.free_when_full = -1
+
+    def delete_files(self) -> None:
+        self.deleted.extend(p for p in (self.root / DISK_SUBDIR).rglob("*") if p.is_file())
+        for path in self.deleted:
+            path.unlink()
+
+    def fill(self) -> None:
+        fill_filesystem(self.root / "filler")
+        self.free_when_full = shutil.disk_usage(self.root).free
+
+    def free(self) -> None:
+        (self.root / "filler").unlink()
+
+
+def play(client: Client, pause: float, disk: DiskTier) -> dict[str, dict]:
+    """Every program's turns; the returning turns' prefix source is in the program name.
+
+    ``returns`` maps each returning turn to its cached tokens and prefix sources."""
+
+    def returning(prompt: list[int], name: str, turn: int, last: bool) -> tuple[list, dict]:
+        before = client.prefix_sources()
+        reply = client.turn(prompt, name, turn, last)
+        after = client.prefix_sources()
+        sources = {k: after[k] - before[k] for k in after}
+        return reply["out"], {"cached": reply["cached"], "sources": sources}
+
+    def fill_gpu_and_cpu(name: str, fillers: list[int]) -> None:
+        time.sleep(pause)  # the pin expires
+        for filler in fillers:
+            client.turn(tokens(filler, 1200), f"{name}-filler-{filler}", 0, last=True)
 
     def program(name: str, seed: int, fillers: list[int]) -> dict:
         first = tokens(seed, PREFIX)
         turn0 = client.turn(first, name, 0, last=False)
         if fillers:
-            time.sleep(pause)  # the pin expires
-        for filler in fillers:
-            client.turn(tokens(filler, 1200), f"{name}-filler-{filler}", 0, last=True)
+            fill_gpu_and_cpu(name, fillers)
         if name == "vanished":
-            delete_disk_files()
-        before = client.prefix_sources()
-        turn1 = client.turn([*first, *turn0["out"], *tokens(seed + 1, 60)], name, 1, True)
-        after = client.prefix_sources()
-        return {
-            "outputs": [turn0["out"], turn1["out"]],
-            "cached": turn1["cached"],
-            "sources": {k: after[k] - before[k] for k in after},
-        }
+            disk.delete_files()
+        second = [*first, *turn0["out"], *tokens(seed + 1, 60)]
+        out1, turn1 = returning(second, name, 1, last=True)
+        return {"outputs": [turn0["out"], out1], "returns": {1: turn1}}
+
+    def full_disk(seed: int, fillers: list[int]) -> dict:
+        """Turn 0 is stored while the disk is full; turn 1, with room again, is stored and
+        turn 2 finds it on disk (so the failed writes left LMCache nothing stale)."""
+        disk.fill()
+        first = tokens(seed, PREFIX)
+        turn0 = client.turn(first, "full", 0, last=False)
+        fill_gpu_and_cpu("full", fillers)
+        disk.free()
+        second = [*first, *turn0["out"], *tokens(seed + 1, 60)]
+        out1, turn1 = returning(second, "full", 1, last=False)
+        fill_gpu_and_cpu("full-again", fillers)
+        out2, turn2 = returning([*second, *out1, *tokens(seed + 2, 60)], "full", 2, last=True)
+        return {"outputs": [turn0["out"], out1, out2], "returns": {1: turn1, 2: turn2}}
 
     runs = {
         "pin": program("pin", 100, []),
         "cpu": program("cpu", 200, [201, 202]),
         "disk": program("disk", 300, [301, 302, 303, 304]),
         "vanished": program("vanished", 500, [501, 502, 503, 504]),
+        "full": full_disk(600, [601, 602, 603, 604]),
     }
-    before = client.prefix_sources()
-    alone = client.turn(tokens(400, PREFIX + 64), "recompute", 1, last=True)
-    after = client.prefix_sources()
-    runs["recompute"] = {
-        "outputs": [alone["out"]],
-        "cached": alone["cached"],
-        "sources": {k: after[k] - before[k] for k in after},
-    }
+    alone, recompute = returning(tokens(400, PREFIX + 64), "recompute", 1, last=True)
+    runs["recompute"] = {"outputs": [alone], "returns": {1: recompute}}
     return runs
 
 
 @pytest.fixture(scope="module")
-def disk_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("disk-tier")
+def disk_root(tmp_path_factory) -> Iterator[Path]:
+    with tmpfs(tmp_path_factory.mktemp("disk-tier"), DISK_FS) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +214,7 @@ def runs(tiny_model_dir: Path, disk_root: Path, tmp_path_factory) -> Iterator[di
     logs = tmp_path_factory.mktemp("tier-logs")
     vanilla = vanilla_server_command(tiny_model_dir, NUM_BLOCKS, "--enable-prompt-tokens-details")
     with ServerProcess(vanilla, logs / "vanilla.log") as process:
-        reference = play(Client(process), pause=0.0, delete_disk_files=lambda: None)
+        reference = play(Client(process), pause=0.0, disk=DiskTier())
     tiered = plugin_server_command(
         tiny_model_dir,
         NUM_BLOCKS,
@@ -129,39 +223,34 @@ def runs(tiny_model_dir: Path, disk_root: Path, tmp_path_factory) -> Iterator[di
         "--policy-option",
         f"ttl_s={TTL_S}",
         "--tiers",
-        f"cpu={CPU_TIER},disk={disk_root}:64MB:cleanup",
+        f"cpu={CPU_TIER},disk={disk_root}:{DISK_TIER}:cleanup",
     )
-    deleted: list[Path] = []
-
-    def delete_disk_files() -> None:
-        deleted.extend(p for p in (disk_root / DISK_SUBDIR).rglob("*") if p.is_file())
-        for path in deleted:
-            path.unlink()
-
+    disk = TmpfsDiskTier(disk_root)
     process = ServerProcess(tiered, logs / "tiered.log").start()
     try:
-        played = play(Client(process), pause=TTL_S + 0.5, delete_disk_files=delete_disk_files)
+        played = play(Client(process), pause=TTL_S + 0.5, disk=disk)
         disk_files = [p for p in (disk_root / DISK_SUBDIR).rglob("*") if p.is_file()]
     finally:
         process.stop()
     yield {
         "reference": reference,
         "tiered": played,
-        "deleted": deleted,
+        "deleted": disk.deleted,
+        "free_when_full": disk.free_when_full,
         "disk_files": disk_files,
         "log": process.log_path.read_text(errors="replace"),
     }
 
 
 def test_live_pin_serves_the_prefix_from_gpu(runs):
-    run = runs["tiered"]["pin"]
+    run = runs["tiered"]["pin"]["returns"][1]
     assert run["sources"]["gpu"] == PREFIX
     assert run["sources"]["cpu"] == run["sources"]["disk"] == 0
     assert run["cached"] == PREFIX
 
 
 def test_expired_pin_comes_back_from_lmcache_cpu_tier(runs):
-    run = runs["tiered"]["cpu"]
+    run = runs["tiered"]["cpu"]["returns"][1]
     assert run["sources"]["gpu"] == 0  # the fillers took its GPU blocks
     assert run["sources"]["cpu"] == PREFIX
     assert run["sources"]["disk"] == 0
@@ -169,14 +258,14 @@ def test_expired_pin_comes_back_from_lmcache_cpu_tier(runs):
 
 
 def test_prefix_pushed_out_of_the_cpu_tier_comes_back_from_disk(runs):
-    run = runs["tiered"]["disk"]
+    run = runs["tiered"]["disk"]["returns"][1]
     assert run["sources"]["gpu"] == 0
     assert run["sources"]["disk"] == PREFIX
     assert run["cached"] == PREFIX
 
 
 def test_prefix_in_no_tier_is_recomputed(runs):
-    run = runs["tiered"]["recompute"]
+    run = runs["tiered"]["recompute"]["returns"][1]
     assert run["sources"]["recompute"] == PREFIX + 64
     assert run["cached"] == 0
 
@@ -184,9 +273,29 @@ def test_prefix_in_no_tier_is_recomputed(runs):
 def test_deleted_disk_files_degrade_to_recompute_with_a_warning(runs):
     run = runs["tiered"]["vanished"]
     assert runs["deleted"], "nothing was on disk to delete"
-    assert run["sources"]["disk"] == 0
+    assert run["returns"][1]["sources"]["disk"] == 0
     assert run["outputs"] == runs["reference"]["vanished"]["outputs"]
     assert "LMCache disk chunks vanished" in runs["log"]
+
+
+def test_full_disk_tier_degrades_to_recompute_with_a_warning(runs):
+    """The disk tier's filesystem filled up after the server started, so turn 0's KV could
+    not be written; once the CPU tier pushed it out, turn 1 recomputes its whole prompt."""
+    assert runs["free_when_full"] == 0, "the filler file left room on the disk tier"
+    assert runs["tiered"]["full"]["returns"][1] == {
+        "cached": 0,
+        "sources": {"gpu": 0, "cpu": 0, "disk": 0, "recompute": PREFIX + 64},
+    }
+    warnings = [line for line in runs["log"].splitlines() if "LMCache disk tier" in line]
+    assert any("No space left on device" in line for line in warnings), warnings
+
+
+def test_disk_tier_stores_again_once_the_full_disk_has_room(runs):
+    """Turn 1 (same leading chunks as turn 0, whose writes failed) is stored once there is
+    room again, and turn 2 finds it on disk: the failed writes left no stale put tasks."""
+    run = runs["tiered"]["full"]["returns"][2]
+    assert run["sources"]["disk"] == PREFIX
+    assert run["cached"] == PREFIX
 
 
 def test_greedy_outputs_are_identical_whatever_the_prefix_source(runs):
@@ -197,3 +306,59 @@ def test_greedy_outputs_are_identical_whatever_the_prefix_source(runs):
 def test_disk_tier_is_written_and_removed_at_shutdown(runs, disk_root):
     assert runs["disk_files"], "LMCache wrote nothing to the disk tier"
     assert not (disk_root / DISK_SUBDIR).exists()
+
+
+def test_failed_disk_write_leaves_no_trace_in_lmcache(tmp_path):
+    """LMCache's disk backend on a filesystem with room for one and a half chunks: the second
+    write fails with ENOSPC, and LMCache's bookkeeping is as if it had not been tried (no
+    size counted, memory object released, no put task, no partial file); with room again,
+    the same chunk is written."""
+    import torch
+    from lmcache.utils import CacheEngineKey
+    from lmcache.v1.config import LMCacheEngineConfig
+    from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
+    from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
+
+    chunk_bytes = 128 * 1024
+
+    def chunk(i: int) -> tuple[CacheEngineKey, TensorMemoryObj]:
+        shape = torch.Size([chunk_bytes])
+        meta = MemoryObjMetadata(shape, torch.uint8, 0, chunk_bytes, 1, fmt=MemoryFormat.KV_2LTD)
+        memory = TensorMemoryObj(torch.full(shape, i, dtype=torch.uint8), meta, None)
+        return CacheEngineKey("tiny", 1, 0, i, torch.uint8), memory
+
+    def written(backend: LocalDiskBackend) -> None:
+        deadline = time.monotonic() + 10
+        while backend.disk_worker.put_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    assert guard_disk_writes()
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    with tmpfs(tmp_path, "256k") as root:
+        (root / "filler").write_bytes(bytes(64 * 1024))
+        config = LMCacheEngineConfig.from_dict(
+            {"local_cpu": True, "local_disk": f"file://{root}/chunks", "max_local_disk_size": 1}
+        )
+        backend = LocalDiskBackend(config, loop, local_cpu_backend=None)
+        try:
+            chunks = [chunk(0), chunk(1)]
+            for key, memory in chunks:  # one at a time: the disk worker writes in parallel
+                backend.submit_put_task(key, memory)
+                written(backend)
+            assert list(backend.dict) == [chunks[0][0]]
+            assert backend.usage == backend.current_cache_size == chunk_bytes
+            assert not backend.disk_worker.put_tasks
+            assert [memory.get_ref_count() for _, memory in chunks] == [1, 1]
+            assert [p.name for p in (root / "chunks").iterdir()] == [
+                Path(backend._key_to_path(chunks[0][0])).name
+            ]
+            (root / "filler").unlink()
+            backend.submit_put_task(*chunks[1])
+            written(backend)
+            assert list(backend.dict) == [key for key, _ in chunks]
+        finally:
+            backend.close()
+            loop.call_soon_threadsafe(loop.stop)
+            loop_thread.join()

@@ -9,12 +9,19 @@ which tier would serve it.
 It runs where LMCache's engine lives, the worker process (found through
 ``LMCacheEngineBuilder``); ``ContinuumTieredConnector`` sends the answers to the scheduler.
 Where LMCache failed to start, every lookup answers "nowhere".
+
+The disk tier's failures degrade to recompute, with a warning: chunks whose files were
+deleted are forgotten before a load (``forget_vanished_disk_chunks``), and a write that fails
+(a full disk, a removed directory) leaves no trace in LMCache (``guard_disk_writes``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.metadata
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +33,8 @@ logger = init_logger(__name__)
 TIER_OF_BACKEND = {"LocalCPUBackend": "cpu", "LocalDiskBackend": "disk"}
 # Slowest last: a prefix split across tiers reloads at the pace of the slowest.
 TIER_ORDER = ("cpu", "disk")
+# The LMCache versions whose disk write path ``guard_disk_writes`` was checked against.
+DISK_GUARD_CHECKED_VERSIONS = ("0.5.6",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class LMCacheResidency:
     def __init__(self, engine_name: str = "vllm-instance"):
         self.engine_name = engine_name
         self._warned = False
+        # Here because every connector that reads LMCache's tiers builds one, on any platform.
+        guard_disk_writes()
 
     def spans(self, tokens: Sequence[int], request_configs: dict | None = None) -> list[ChunkSpan]:
         """The leading chunks of ``tokens`` that LMCache holds, each with its tier."""
@@ -126,3 +137,81 @@ class LMCacheResidency:
                 )
             return None
         return engine
+
+
+def guard_disk_writes() -> bool:
+    """Make a failed write to LMCache's disk tier leave no trace, with a warning.
+
+    In LMCache 0.5.6, ``LocalDiskBackend.async_save_bytes_to_disk`` (run by the disk worker)
+    does nothing when ``write_file`` raises, e.g. ENOSPC on a full disk: the chunk stays
+    counted in ``usage`` and in the admission total ``current_cache_size`` that
+    ``submit_put_task`` raised, the memory object keeps the reference ``submit_put_task``
+    took (so the CPU tier can never evict it), the key stays in the worker's put tasks (so
+    it is never written again, even once there is room), the partial file stays, and the
+    error lands in a future nobody reads, unlogged. This wrap undoes all of that, so the
+    chunk is just not on disk: a later turn finds it in the CPU tier or recomputes it.
+    Upstream, the same cleanup in ``async_save_bytes_to_disk`` (``try``/``except`` around
+    ``write_file``) would make it unnecessary.
+
+    Applied only on ``DISK_GUARD_CHECKED_VERSIONS``: the undo mirrors that version's
+    bookkeeping exactly. Returns whether it is in place; safe to call more than once.
+    """
+    from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
+
+    save = LocalDiskBackend.async_save_bytes_to_disk
+    if getattr(save, "_continuum_guard", False):
+        return True
+    version = importlib.metadata.version("lmcache")
+    if version not in DISK_GUARD_CHECKED_VERSIONS:
+        logger.warning(
+            "continuum-tiered: LMCache %s is not one of the versions its disk write guard was "
+            "checked against (%s); a failed disk write may leak LMCache memory",
+            version,
+            ", ".join(DISK_GUARD_CHECKED_VERSIONS),
+        )
+        return False
+    LocalDiskBackend.async_save_bytes_to_disk = _undoing_failed_writes(save)
+    return True
+
+
+def _undoing_failed_writes(save: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(save)
+    def save_or_undo(
+        backend: Any,
+        key: Any,
+        memory_obj: Any,
+        on_complete_callback: Callable[[Any], None] | None = None,
+    ) -> None:
+        try:
+            save(backend, key, memory_obj, on_complete_callback)
+        except OSError as error:  # only write_file does I/O, after usage was raised
+            _undo_failed_write(backend, key, memory_obj)
+            # One warning per run of failures: on a full disk every chunk's write fails.
+            if not getattr(backend, "_continuum_write_failing", False):
+                logger.warning(
+                    "continuum-tiered: LMCache disk tier %s cannot store KV chunks (%s); "
+                    "they stay in the CPU tier only and are recomputed once they leave it",
+                    backend.path,
+                    error,
+                )
+            backend._continuum_write_failing = True
+            return
+        if getattr(backend, "_continuum_write_failing", False):
+            backend._continuum_write_failing = False
+            logger.info("continuum-tiered: LMCache disk tier %s stores again", backend.path)
+
+    save_or_undo._continuum_guard = True  # type: ignore[attr-defined]
+    return save_or_undo
+
+
+def _undo_failed_write(backend: Any, key: Any, memory_obj: Any) -> None:
+    """Reverse what ``submit_put_task`` and ``async_save_bytes_to_disk`` did for ``key``."""
+    with backend.disk_lock:
+        backend.usage -= len(memory_obj.byte_array)
+        backend.current_cache_size -= memory_obj.get_physical_size()
+        backend.cache_policy.update_on_force_evict(key)
+    backend.stats_monitor.update_local_storage_usage(backend.usage)
+    with contextlib.suppress(OSError):
+        os.remove(backend._key_to_path(key))
+    memory_obj.ref_count_down()
+    backend.disk_worker.remove_put_task(key)
