@@ -3,10 +3,10 @@
 Both servers run the same random model with the same KV pool, small enough that the
 programs compete for it, and replay the same SWE-bench programs (embedded slice, tokens
 scaled down, real per-tool pauses). The plugin is the full system: the default policy with
-LMCache's CPU and disk tiers below the pins. Prints per-program turns, prefix-hit tokens and
-job completion times, and writes ``results.json`` and ``jct.png`` to the output folder.
-With ``--repeats N`` both run N times in turns and the first run's tables are followed by
-every run's average-JCT ratio and their median.
+LMCache's CPU and disk tiers below the pins (``--no-tiers``: without them). Prints
+per-program turns, prefix-hit tokens and job completion times, and writes ``results.json``
+and ``jct.png`` to the output folder. With ``--repeats N`` both run N times in turns and
+the first run's tables are followed by every run's average-JCT ratio and their median.
 The machinery is :mod:`continuum_tiered.experiment`'s; ``experiments/`` has more systems.
 """
 
@@ -25,7 +25,9 @@ from continuum_tiered.experiment import (
     DEMO_SHAPE,
     VLLM,
     Engine,
+    System,
     SystemRun,
+    plugin,
     run_experiment,
 )
 from continuum_tiered.plots import pyplot
@@ -34,7 +36,8 @@ from continuum_tiered.traces.arrivals import with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.traces.swebench import SwebenchOptions, load_swebench
 
-SYSTEMS = (VLLM, CONTINUUM_TIERED)
+SYSTEMS = (VLLM, CONTINUUM_TIERED)  # the names every table and plot use
+WITHOUT_TIERS = System(CONTINUUM_TIERED.name, plugin(), send_hints=True)
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -52,6 +55,13 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         "--kv-blocks", type=int, default=CPU_KV_BLOCKS, help="KV pool, in 32-token blocks"
     )
     p.add_argument("--interarrival", type=float, default=0.5, help="mean seconds between programs")
+    p.add_argument(
+        "--tiers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LMCache's CPU and disk tiers below the pins, the full system (--no-tiers: pins "
+        "and program FCFS only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs of each server, in turns")
     p.add_argument(
@@ -140,7 +150,7 @@ def run_demo(args: argparse.Namespace, _passthrough: list[str]) -> int:
     engine = Engine.random_cpu(write_tiny_llama(args.out / "model", DEMO_SHAPE), args.kv_blocks)
     jps = 1 / args.interarrival
     results = run_experiment(
-        SYSTEMS,
+        (VLLM, CONTINUUM_TIERED if args.tiers else WITHOUT_TIERS),
         demo_programs(args),
         engine,
         args.out,
