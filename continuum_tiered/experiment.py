@@ -23,8 +23,8 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,13 @@ DEMO_SHAPE = TinyLlamaShape(
 )
 CPU_KV_BLOCKS = 256  # 32-token blocks: fewer than the programs' contexts together
 CPU_TOKEN_SCALE = 0.25  # SWE-bench contexts of ~10k tokens become a few thousand
+# vLLM's CPU build binds the engine's worker to the cores it does not reserve for the
+# scheduler, and reserves one more core when any KV connector is configured (meant for NIXL).
+# On two cores that leaves none: the worker then spreads its OpenMP threads over both,
+# spin-waiting against the scheduler and API server, and decodes several times slower than
+# vanilla vLLM's worker bound to one core. The same reservation for every system keeps the
+# comparison about KV and scheduling rather than thread placement.
+CPU_ENGINE_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 # The demo model's profile (``continuum-tiered profile --device cpu`` on a 2-core machine):
 # its prefill time and KV bytes per token, and the CPU and disk tiers' bandwidths.
 CPU_PROFILE = "cpu-demo-llama"
@@ -98,6 +105,7 @@ class Engine:
     flags: tuple[str, ...] = ()
     tiers: TierSizes = GPU_TIERS
     plugin_options: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # for every system's server
 
     @classmethod
     def random_cpu(cls, model_dir: Path, kv_blocks: int, tiers: TierSizes = CPU_TIERS) -> Engine:
@@ -108,6 +116,7 @@ class Engine:
             tuple(tiny_engine_flags(model_dir, kv_blocks)),
             tiers,
             ("--profile", CPU_PROFILE),
+            CPU_ENGINE_ENV,
         )
 
 
@@ -292,7 +301,7 @@ def run_system(
     wait_for_quiet_machine(wait_s)
     tqdm.write(f"[{system.name}] run {repeat}: starting the server (log: {log}) ...")
     try:
-        with ServerProcess(command, log) as server:
+        with ServerProcess(command, log, dict(engine.env)) as server:
             load_start = os.getloadavg()[0]
             options = RunnerOptions(
                 model=engine.served_name, send_hints=system.send_hints, seed=seed

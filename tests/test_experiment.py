@@ -112,6 +112,7 @@ def test_ablation_adds_one_piece_per_step():
         ("tiered", True),
     ]
     assert option(commands["fcfs+ttl-2s"], "--policy-option") == "ttl_s=2"
+    assert ENGINE.env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}  # one core layout for all
     for name, command in commands.items():
         assert "--num-gpu-blocks-override" in command
         assert option(command, "--profile") == (None if name == "vllm" else "cpu-demo-llama")
@@ -218,7 +219,7 @@ def test_cli_defaults_and_gpu_engine(tmp_path: Path):
     engine = engine_for(args)
     assert engine.flags == ("--max-model-len", "32768")
     assert engine.served_name == "meta-llama/Llama-3.1-8B"
-    assert (engine.tiers, engine.plugin_options) == (GPU_TIERS, ())
+    assert (engine.tiers, engine.plugin_options, engine.env) == (GPU_TIERS, (), {})
 
 
 def test_trace_programs_are_cut_and_spread():
