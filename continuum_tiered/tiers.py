@@ -50,6 +50,9 @@ class Tiers:
     disk_dir: Path | None = None  # the tier's own directory, under the path given
     disk_bytes: int = 0
     disk_cleanup: bool = False
+    # LMCache's use_layerwise: layer i+1 loads while layer i computes, so a reload hides
+    # behind the forward pass (what the replay's ``tiered`` assumes). GPU connectors only.
+    layerwise: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Tiers:
@@ -108,6 +111,8 @@ class Tiers:
         config = dict(LMCACHE_DEFAULTS)
         config["lmcache.local_cpu"] = True
         config["lmcache.max_local_cpu_size"] = self.cpu_bytes / GIB
+        if self.layerwise:
+            config["lmcache.use_layerwise"] = True
         if self.disk_dir is not None:
             config["lmcache.local_disk"] = f"file://{self.disk_dir}/"
             config["lmcache.max_local_disk_size"] = self.disk_bytes / GIB

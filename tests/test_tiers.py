@@ -72,3 +72,15 @@ def test_serve_composes_continuum_with_lmcache(tmp_path):
 def test_serve_refuses_a_bad_tier_before_starting_vllm(capsys):
     assert main(["serve", "m", "--tiers", f"cpu={1000 * 1024 * GIB}B", "--dry-run"]) == 2
     assert "memory available" in capsys.readouterr().err
+
+
+def test_layerwise_loads_go_to_lmcache_and_are_refused_on_the_cpu_build(capsys):
+    tiers = Tiers.parse("cpu=1GB")
+    assert "lmcache.use_layerwise" not in tiers.lmcache_config()
+    layerwise = ServeOptions("m", tiers=Tiers(cpu_bytes=GIB, layerwise=True))
+    lmcache = layerwise.connector_config()["kv_connector_extra_config"]["connectors"][1]
+    assert lmcache["kv_connector_extra_config"]["lmcache.use_layerwise"] is True
+    assert main(["serve", "m", "--layerwise-loads", "--dry-run"]) == 2
+    assert "needs --tiers" in capsys.readouterr().err
+    assert main(["serve", "m", "--tiers", "cpu=1GB", "--layerwise-loads", "--dry-run"]) == 2
+    assert "CPU build has none" in capsys.readouterr().err

@@ -12,7 +12,8 @@
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
 
 ``tiered`` is ``policies/tiered.py`` over LMCache's CPU and disk tiers, configured with
-layerwise loads (``use_layerwise``), which overlap a reload with the forward pass.
+layerwise loads (``use_layerwise``: ``serve --tiers ... --layerwise-loads`` on a GPU), which
+overlap a reload with the forward pass.
 
 The oracle is the lower bound on what KV retention can buy: with memory for everything,
 queue order still matters, so it runs each order (request FCFS, program FCFS, PLAS) and
