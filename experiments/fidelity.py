@@ -22,6 +22,7 @@ from pathlib import Path
 from continuum_tiered.agent_runner import RunnerOptions, run_programs, summarize_records
 from continuum_tiered.cli import main as cli
 from continuum_tiered.demo import DEMO_SHAPE
+from continuum_tiered.experiment import CPU_ENGINE_ENV
 from continuum_tiered.server import ServerProcess, plugin_server_command
 from continuum_tiered.sim.deployment import Deployment
 from continuum_tiered.sim.peers import get_peer
@@ -64,7 +65,8 @@ def main() -> int:
     serve = ["--policy", PEER, "--profile", str(profile)]
     command = plugin_server_command(model, args.kv_blocks, *serve, *engine)
     print("real time: starting continuum-tiered serve ...", flush=True)
-    with ServerProcess(command, args.out / "server.log") as server:
+    # The core layout of vLLM's CPU worker without a connector, as the engine profile ran.
+    with ServerProcess(command, args.out / "server.log", env=CPU_ENGINE_ENV) as server:
         options = RunnerOptions(model="tiny", send_hints=True, seed=args.seed)
         load_before = os.getloadavg()[0]
         records = asyncio.run(run_programs(server.url, programs, options))
