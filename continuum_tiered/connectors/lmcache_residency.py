@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.logger import init_logger
+
+from continuum_tiered.lmcache_cpu import lmcache_version_checked
 
 logger = init_logger(__name__)
 
@@ -161,14 +162,11 @@ def guard_disk_writes() -> bool:
     save = LocalDiskBackend.async_save_bytes_to_disk
     if getattr(save, "_continuum_guard", False):
         return True
-    version = importlib.metadata.version("lmcache")
-    if version not in DISK_GUARD_CHECKED_VERSIONS:
-        logger.warning(
-            "continuum-tiered: LMCache %s is not one of the versions its disk write guard was "
-            "checked against (%s); a failed disk write may leak LMCache memory",
-            version,
-            ", ".join(DISK_GUARD_CHECKED_VERSIONS),
-        )
+    if not lmcache_version_checked(
+        DISK_GUARD_CHECKED_VERSIONS,
+        "disk write guard",
+        "a failed disk write may leak LMCache memory",
+    ):
         return False
     LocalDiskBackend.async_save_bytes_to_disk = _undoing_failed_writes(save)
     return True

@@ -24,6 +24,21 @@ logger = logging.getLogger(__name__)
 CHECKED_LMCACHE_VERSIONS = ("0.5.6",)
 
 
+def lmcache_version_checked(checked: tuple[str, ...], patch: str, risk: str = "") -> bool:
+    """Whether the installed LMCache is one of ``checked``; warns naming ``patch`` if not."""
+    version = importlib.metadata.version("lmcache")
+    if version in checked:
+        return True
+    logger.warning(
+        "continuum-tiered: LMCache %s is not one of the versions its %s was checked against (%s)%s",
+        version,
+        patch,
+        ", ".join(checked),
+        f"; {risk}" if risk else "",
+    )
+    return False
+
+
 def install() -> bool:
     """Make LMCache use ``CPUPagedKVConnector`` for vLLM on a CPU-only build.
 
@@ -37,14 +52,7 @@ def install() -> bool:
         return False
     if getattr(gpu_connector.CreateGPUConnector, "_continuum_cpu", False):
         return True
-    version = importlib.metadata.version("lmcache")
-    if version not in CHECKED_LMCACHE_VERSIONS:
-        logger.warning(
-            "continuum-tiered: LMCache %s is not one of the versions its CPU connector was "
-            "checked against (%s)",
-            version,
-            ", ".join(CHECKED_LMCACHE_VERSIONS),
-        )
+    lmcache_version_checked(CHECKED_LMCACHE_VERSIONS, "CPU connector")
     gpu_connector.CreateGPUConnector = _with_cpu_connector(gpu_connector.CreateGPUConnector)
     return True
 
