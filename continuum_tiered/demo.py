@@ -27,6 +27,7 @@ from continuum_tiered.experiment import (
     Engine,
     System,
     SystemRun,
+    add_run_options,
     plugin,
     run_experiment,
 )
@@ -62,15 +63,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="LMCache's CPU and disk tiers below the pins, the full system (--no-tiers: pins "
         "and program FCFS only)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="runs of each server, in turns")
-    p.add_argument(
-        "--wait-for-servers",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="before each run, wait up to S seconds for other vLLM servers to stop",
-    )
+    add_run_options(p, repeats_help="runs of each server, in turns")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.set_defaults(run=run_demo)
 

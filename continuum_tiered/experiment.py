@@ -14,6 +14,7 @@ On vLLM's CPU build LMCache runs through the plugin's CPU KV connector
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -355,3 +356,18 @@ def run_experiment(
                 )
                 runs[system.name].append(run)
     return Results(runs)
+
+
+def add_run_options(p: argparse.ArgumentParser, repeats_help: str) -> None:
+    """``--seed``, ``--repeats`` and ``--wait-for-servers``, shared by the demo and the
+    experiments."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help=repeats_help)
+    p.add_argument(
+        "--wait-for-servers",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="before each run, wait up to S seconds for other vLLM servers on the machine "
+        "to stop (they would share its cores)",
+    )

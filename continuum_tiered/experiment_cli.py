@@ -29,6 +29,7 @@ from continuum_tiered.experiment import (
     Results,
     System,
     TierSizes,
+    add_run_options,
     gpu_name,
     run_experiment,
     trace_programs,
@@ -81,16 +82,7 @@ def experiment_parser(description: str, default_out: Path) -> argparse.ArgumentP
         f"{GPU_TIERS.disk} with --model)",
     )
     p.add_argument("--jps", type=float, default=2.0, help="program arrivals per second")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="runs of each system")
-    p.add_argument(
-        "--wait-for-servers",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="before each run, wait up to S seconds for other vLLM servers on the machine "
-        "to stop (they would share its cores)",
-    )
+    add_run_options(p, repeats_help="runs of each system")
     p.add_argument("--out", type=Path, default=default_out)
     return p
 
