@@ -1,10 +1,10 @@
 """``ContinuumTieredConnector``: ``ContinuumConnector`` composed with LMCache's connector.
 
 A ``MultiConnector`` (same ``connectors`` list in ``kv_connector_extra_config``, e.g.
-``[ContinuumConnector, LMCacheConnectorV1]``) that also:
+``[ContinuumConnector, LMCacheConnectorV1]``; on vLLM's CPU build the LMCache child gets
+our KV connector through the plugin's registry entry, ``plugin.give_lmcache_the_cpu_connector``)
+that also:
 
-- on vLLM's CPU build, makes LMCache use our torch-only KV connector
-  (``continuum_tiered.lmcache_cpu.install``) before LMCache's connector is built;
 - feeds ``ContinuumConnector.residency`` from LMCache's storage manager, so a pin's TTL is
   weighed against the reload cost of the tier that really holds the KV;
 - counts, for each returning turn (hint ``turn > 0``), where its prompt tokens came from:
@@ -41,7 +41,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import (
     MultiKVConnectorWorkerMetadata,
 )
 from vllm.logger import init_logger
-from vllm.platforms import current_platform
 
 from continuum_tiered.connectors.continuum import ContinuumConnector
 from continuum_tiered.connectors.lmcache_residency import LMCacheResidency
@@ -92,10 +91,6 @@ class ContinuumTieredConnector(MultiConnector):
                 "ContinuumTieredConnector needs --disable-hybrid-kv-cache-manager (LMCache's "
                 "connector does not support vLLM's hybrid KV cache manager)"
             )
-        if current_platform.is_cpu():
-            from continuum_tiered.lmcache_cpu import install
-
-            install()
         super().__init__(vllm_config, role, kv_cache_config)
         self._continuum = _only(self._connectors, ContinuumConnector)
         self._lmcache = _only(self._connectors, LMCacheConnectorV1)
