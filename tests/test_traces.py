@@ -14,6 +14,7 @@ import pytest
 from continuum_tiered.cli import main
 from continuum_tiered.traces.arrivals import (
     MINISWE_RAW,
+    SHARED_TRACES,
     SWEBENCH_FULL,
     load_named_trace,
     with_poisson_arrivals,
@@ -33,6 +34,14 @@ from continuum_tiered.traces.swebench import load_swebench
 TRAJ = MINISWE_RAW / "django__django-11163.traj.json"
 
 
+@pytest.fixture
+def shared_traces() -> Path:
+    """The data these tests check against lives in ../shared/traces beside the repository
+    (CI clones it there); without it, fail saying so rather than with a file error."""
+    assert SHARED_TRACES.is_dir(), f"{SHARED_TRACES} is missing: clone beside ../shared"
+    return SHARED_TRACES
+
+
 def assert_valid(programs: list[TraceProgram]) -> None:
     """Every program passes the format's checks, prefix extension included."""
     for p in programs:
@@ -42,7 +51,7 @@ def assert_valid(programs: list[TraceProgram]) -> None:
 # mini-swe-agent trajectories
 
 
-def test_trajectories_convert_one_turn_per_assistant_message() -> None:
+def test_trajectories_convert_one_turn_per_assistant_message(shared_traces: Path) -> None:
     programs = load_miniswe([MINISWE_RAW])
     assert [p.program_id for p in programs] == [
         "django__django-11163",
@@ -56,7 +65,7 @@ def test_trajectories_convert_one_turn_per_assistant_message() -> None:
     assert_valid(programs)
 
 
-def test_trajectory_tokens_and_tools_checked_by_hand() -> None:
+def test_trajectory_tokens_and_tools_checked_by_hand(shared_traces: Path) -> None:
     (program,) = load_miniswe([TRAJ])
     turns = program.turns
     # Call 0: "ls -R | grep ... && grep -r ...", usage 1397 prompt / 219 completion.
@@ -69,14 +78,14 @@ def test_trajectory_tokens_and_tools_checked_by_hand() -> None:
     assert turns[-1].tool_duration_s == 0.0
 
 
-def test_trajectories_match_the_compact_swebench_file() -> None:
+def test_trajectories_match_the_compact_swebench_file(shared_traces: Path) -> None:
     """Raw and compact files of the same runs give the same programs, durations included."""
     compact = {p.program_id: p for p in load_swebench(SWEBENCH_FULL)}
     for program in load_miniswe([MINISWE_RAW]):
         assert program == compact[program.program_id]
 
 
-def test_trajectory_without_usage_estimates_four_chars_per_token() -> None:
+def test_trajectory_without_usage_estimates_four_chars_per_token(shared_traces: Path) -> None:
     data = json.loads(TRAJ.read_text())
     for message in data["messages"]:
         message.pop("extra", None)
@@ -231,7 +240,7 @@ def test_same_seed_same_trace() -> None:
         assert a != load_named_trace(name, programs=20, seed=8, token_scale=0.5)
 
 
-def test_swebench_prefers_the_full_shared_file() -> None:
+def test_swebench_prefers_the_full_shared_file(shared_traces: Path) -> None:
     assert len(load_named_trace("swebench")) == 500
     assert_valid(load_swebench(options=BuildOptions(token_scale=0.25, max_turns=8)))
 
