@@ -91,6 +91,15 @@ def _config_name(config: dict[str, object]) -> str:
     return "unknown"
 
 
+def prefill_increment(coeffs: tuple[float, float, float], offset: int, n: int) -> float:
+    """Prefill of ``n`` new tokens after ``offset`` cached ones on the curve
+    t(n) = c0 + c1 n + c2 n^2: linear work for the new tokens plus their attention over
+    the whole context (the fixed c0 is the step's, not the tokens')."""
+    _, c1, c2 = coeffs
+    end = offset + n
+    return c1 * n + c2 * (end * end - offset * offset)
+
+
 @dataclass(frozen=True)
 class Tier:
     name: str
@@ -136,6 +145,12 @@ class TierProfile:
     # t = d0 + d1*batch + d2*batch*context seconds per decode step; None when not measured
     decode_coeffs: tuple[float, float, float] | None = None
     engine: EngineSteps | None = None  # None when not measured
+
+    @property
+    def serving_prefill_coeffs(self) -> tuple[float, float, float]:
+        """The engine's prefill curve when measured (what a request waits for), else the
+        model-only one."""
+        return self.engine.prefill_coeffs if self.engine is not None else self.prefill_coeffs
 
     def prefill_time(self, n_tokens: int) -> float:
         if n_tokens <= 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,16 @@ class Tiers:
             config["lmcache.local_disk"] = f"file://{self.disk_dir}/"
             config["lmcache.max_local_disk_size"] = self.disk_bytes / GIB
         return config
+
+
+def lmcache_tier_bytes(config: Mapping[str, object]) -> tuple[float, float] | None:
+    """CPU and disk tier sizes in bytes from ``lmcache.*`` keys as ``lmcache_config`` writes
+    them; None where LMCache is configured elsewhere (its own config file)."""
+    cpu = config.get("lmcache.max_local_cpu_size")
+    if not isinstance(cpu, int | float):
+        return None
+    disk = config.get("lmcache.max_local_disk_size", 0) if config.get("lmcache.local_disk") else 0
+    return cpu * GIB, (disk if isinstance(disk, int | float) else 0) * GIB
 
 
 def parse_size(text: str, tier: str) -> int:

@@ -8,9 +8,15 @@ import json
 import pytest
 
 from continuum_tiered.cli import main
-from continuum_tiered.profile import PROFILE_VERSION, EngineSteps, ModelShape, TierProfile
+from continuum_tiered.lmcache_shadow import LRUTier, TierStore
+from continuum_tiered.profile import (
+    PROFILE_VERSION,
+    EngineSteps,
+    ModelShape,
+    Tier,
+    TierProfile,
+)
 from continuum_tiered.sim.deployment import Deployment
-from continuum_tiered.sim.lmcache_model import LRUTier, TierStore
 from continuum_tiered.sim.peers import PEERS
 from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
@@ -58,6 +64,30 @@ def test_measured_engine_steps_replace_the_model_only_fits(simple_profile, tmp_p
     # As above at the engine's costs: prefill 32 (0.020 + 0.064), decode (0.010); tool;
     # prefill 16 after the 32-token hit (0.020 + 0.032), decode (0.010).
     assert run.jct_s == pytest.approx(0.094 + 1.0 + 0.062)
+
+
+def test_a_tier_hit_slower_to_load_than_to_prefill_is_recomputed(simple_profile, tmp_path):
+    """Stock LMCache loads every hit; ``tiered`` (cost-aware) recomputes one whose transfer
+    is slower. A's turn-1 KV goes to a disk tier (no CPU tier) that needs 10 s for its two
+    blocks; B fills the 7-block GPU pool during A's tool call, evicting A's cached prefix."""
+    kv_bytes = DEPLOYMENT.kv_bytes_per_token()
+    slow_disk = {"cpu": Tier("cpu", 1e12, 0.0), "disk": Tier("disk", 32 * kv_bytes / 10, 0.0)}
+    path = tmp_path / "slow-disk.json"
+    dataclasses.replace(TierProfile.load(simple_profile), tiers=slow_disk).save(path)
+    setup = ReplaySetup(dataclasses.replace(DEPLOYMENT, num_blocks=8, cpu_tier_bytes=0), str(path))
+    a = TraceProgram("a", (Turn(32, 2, "grep", 1.0), Turn(48, 2, None, 0.0)), arrival_s=0.0)
+    b = TraceProgram("b", (Turn(100, 2, None, 0.0),), arrival_s=0.5)
+
+    def jct_of_a(cost_aware: bool) -> float:
+        peer = dataclasses.replace(PEERS["vllm+lmcache"], lmcache_cost_aware=cost_aware)
+        _, runs = replay(peer, [a, b], setup, 1)
+        assert runs[0].program.program_id == "a"
+        return runs[0].jct_s
+
+    # Turn 1 as in the two-turn case (0.047), the tool (1 s), then turn 2 either loads 32
+    # tokens from disk (10 s) and prefills 16 (0.026), or prefills all 48 (0.058); decode.
+    assert jct_of_a(cost_aware=False) == pytest.approx(0.047 + 1.0 + 10.0 + 0.026 + 0.005)
+    assert jct_of_a(cost_aware=True) == pytest.approx(0.047 + 1.0 + 0.058 + 0.005)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from continuum_tiered.cli import main
 from continuum_tiered.serve import ServeOptions
-from continuum_tiered.tiers import DISK_SUBDIR, GIB, Tiers, TierSpecError
+from continuum_tiered.tiers import DISK_SUBDIR, GIB, Tiers, TierSpecError, lmcache_tier_bytes
 
 
 def test_a_full_spec_gives_lmcache_cpu_and_disk_settings(tmp_path):
@@ -20,6 +20,10 @@ def test_a_full_spec_gives_lmcache_cpu_and_disk_settings(tmp_path):
     assert config["lmcache.max_local_disk_size"] == 0.5
     assert config["lmcache.save_decode_cache"] is True
     assert tiers.disk_cleanup
+    # What the connector's scheduler reads back to model LMCache's tiers.
+    assert lmcache_tier_bytes(config) == (1.5 * GIB, 0.5 * GIB)
+    assert lmcache_tier_bytes(Tiers.parse("cpu=1GB").lmcache_config()) == (GIB, 0)
+    assert lmcache_tier_bytes({}) is None  # LMCache configured by its own file
 
 
 @pytest.mark.parametrize(

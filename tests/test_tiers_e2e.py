@@ -6,7 +6,9 @@ a live pin (GPU), LMCache's CPU tier after the pin expired and other programs to
 GPU blocks, LMCache's disk tier after other programs also pushed it out of the CPU tier,
 nowhere (recompute), a disk tier whose files were deleted under it (recomputed), and a disk
 tier whose filesystem filled up (recomputed; once there is room again, stored and found).
-A plain vLLM server gives the reference greedy outputs first.
+A plain vLLM server gives the reference greedy outputs first. A second tiered server,
+whose tier profile prices its disk far below recompute, recomputes a disk hit rather than
+loading it (``ContinuumTieredConnector``'s cost-aware loads) and still loads a CPU hit.
 
 The disk tier lives on a small tmpfs mounted for the module, so that it can really run out
 of space (ENOSPC from the kernel, not a simulated error). Mounting needs root, as in CI's
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import random
@@ -28,13 +31,14 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from continuum_tiered.connectors.lmcache_residency import guard_disk_writes
+from continuum_tiered.profile import Tier, load_named_profile
 from continuum_tiered.server import (
     ServerProcess,
     plugin_server_command,
@@ -50,6 +54,7 @@ PREFIX = 3 * CHUNK  # a program's first prompt: three whole LMCache chunks
 CPU_TIER = "1920KiB"  # 15 chunks: holds one program plus two fillers, not one plus four
 DISK_TIER = "16MB"  # LMCache evicts at this size, so the 24 MiB filesystem fills only when
 DISK_FS = "24m"  # the test writes a filler file into it
+CASES = ("pin", "cpu", "disk", "vanished", "full", "recompute")
 
 
 @contextlib.contextmanager
@@ -149,8 +154,10 @@ class TmpfsDiskTier(DiskTier):
         (self.root / "filler").unlink()
 
 
-def play(client: Client, pause: float, disk: DiskTier) -> dict[str, dict]:
-    """Every program's turns; the returning turns' prefix source is in the program name.
+def play(
+    client: Client, pause: float, disk: DiskTier, cases: Collection[str] = CASES
+) -> dict[str, dict]:
+    """The programs of ``cases``, in order; the returning turns' prefix source is in the name.
 
     ``returns`` maps each returning turn to its cached tokens and prefix sources."""
 
@@ -191,16 +198,19 @@ def play(client: Client, pause: float, disk: DiskTier) -> dict[str, dict]:
         out2, turn2 = returning([*second, *out1, *tokens(seed + 2, 60)], "full", 2, last=True)
         return {"outputs": [turn0["out"], out1, out2], "returns": {1: turn1, 2: turn2}}
 
-    runs = {
-        "pin": program("pin", 100, []),
-        "cpu": program("cpu", 200, [201, 202]),
-        "disk": program("disk", 300, [301, 302, 303, 304]),
-        "vanished": program("vanished", 500, [501, 502, 503, 504]),
-        "full": full_disk(600, [601, 602, 603, 604]),
+    def recompute() -> dict:
+        alone, returned = returning(tokens(400, PREFIX + 64), "recompute", 1, last=True)
+        return {"outputs": [alone], "returns": {1: returned}}
+
+    plays: dict[str, Callable[[], dict]] = {
+        "pin": lambda: program("pin", 100, []),
+        "cpu": lambda: program("cpu", 200, [201, 202]),
+        "disk": lambda: program("disk", 300, [301, 302, 303, 304]),
+        "vanished": lambda: program("vanished", 500, [501, 502, 503, 504]),
+        "full": lambda: full_disk(600, [601, 602, 603, 604]),
+        "recompute": recompute,
     }
-    alone, recompute = returning(tokens(400, PREFIX + 64), "recompute", 1, last=True)
-    runs["recompute"] = {"outputs": [alone], "returns": {1: recompute}}
-    return runs
+    return {case: plays[case]() for case in cases}
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +252,25 @@ def runs(tiny_model_dir: Path, disk_root: Path, tmp_path_factory) -> Iterator[di
     }
 
 
+@pytest.fixture(scope="module")
+def slow_disk_runs(tiny_model_dir: Path, tmp_path_factory) -> dict:
+    """The CPU and disk cases on a server whose tier profile says its disk is far slower
+    than recomputing (1 kB/s): the disk hit must be recomputed, the CPU hit still loaded."""
+    work = tmp_path_factory.mktemp("slow-disk")
+    profile = load_named_profile("cpu-tiny-llama")
+    slow = dataclasses.replace(profile, tiers={**profile.tiers, "disk": Tier("disk", 1e3, 0.0)})
+    slow.save(work / "profile.json")
+    command = plugin_server_command(
+        tiny_model_dir,
+        NUM_BLOCKS,
+        *("--policy", "static-ttl", "--policy-option", f"ttl_s={TTL_S}"),
+        *("--profile", str(work / "profile.json")),
+        *("--tiers", f"cpu={CPU_TIER},disk={work}:{DISK_TIER}:cleanup"),
+    )
+    with ServerProcess(command, work / "server.log") as process:
+        return play(Client(process), pause=TTL_S + 0.5, disk=DiskTier(), cases=("cpu", "disk"))
+
+
 def test_live_pin_serves_the_prefix_from_gpu(runs):
     run = runs["tiered"]["pin"]["returns"][1]
     assert run["sources"]["gpu"] == PREFIX
@@ -262,6 +291,17 @@ def test_prefix_pushed_out_of_the_cpu_tier_comes_back_from_disk(runs):
     assert run["sources"]["gpu"] == 0
     assert run["sources"]["disk"] == PREFIX
     assert run["cached"] == PREFIX
+
+
+def test_a_disk_hit_slower_to_load_than_to_prefill_is_recomputed(slow_disk_runs, runs):
+    disk = slow_disk_runs["disk"]["returns"][1]
+    assert disk["sources"]["disk"] == 0
+    assert disk["sources"]["recompute"] == PREFIX + 64
+    assert disk["cached"] == 0
+    cpu = slow_disk_runs["cpu"]["returns"][1]
+    assert cpu["sources"]["cpu"] == PREFIX  # the fast tier is still loaded
+    for case in ("cpu", "disk"):
+        assert slow_disk_runs[case]["outputs"] == runs["reference"][case]["outputs"], case
 
 
 def test_prefix_in_no_tier_is_recomputed(runs):

@@ -7,6 +7,9 @@ that also:
 
 - feeds ``ContinuumConnector.residency`` from LMCache's storage manager, so a pin's TTL is
   weighed against the reload cost of the tier that really holds the KV;
+- loads a hit from LMCache only where the transfer beats recomputing it (``lmcache_shadow``:
+  the scheduler tracks which tier holds each block, the profile prices both ways); LMCache
+  alone loads every hit, and a short prefix on a slow disk takes longer than its prefill;
 - counts, for each returning turn (hint ``turn > 0``), where its prompt tokens came from:
   the GPU prefix cache (pins), LMCache's CPU tier, its disk tier, or recompute. The counts
   travel in ``ContinuumConnector``'s stats (``vllm:continuum_prefix_tokens_from_*``).
@@ -46,6 +49,8 @@ from continuum_tiered.connectors.continuum import ContinuumConnector
 from continuum_tiered.connectors.lmcache_residency import LMCacheResidency
 from continuum_tiered.connectors.stats import PREFIX_SOURCES, ContinuumStats, prefix_counter
 from continuum_tiered.hints import HintError, parse_hints
+from continuum_tiered.lmcache_shadow import TIER_ORDER, LoadCost, TierStore
+from continuum_tiered.tiers import lmcache_tier_bytes
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -107,9 +112,13 @@ class ContinuumTieredConnector(MultiConnector):
         self._local_hits: dict[str, int] = {}
         self._awaiting_split: set[str] = set()
         self._prefix_counts = dict.fromkeys(map(prefix_counter, PREFIX_SOURCES), 0)
+        self._block_size = vllm_config.cache_config.block_size
+        self._shadow: TierStore | None = None
+        self._load_cost: LoadCost | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._warn_on_missing_profile_tiers()
             self._continuum.residency = self._tier_after_release
+            self._cost_aware_loads(vllm_config)
 
     # ---------------------------------------------------------------- worker
 
@@ -165,7 +174,12 @@ class ContinuumTieredConnector(MultiConnector):
     ) -> tuple[int | None, bool]:
         self._live.add(request.request_id)
         self._local_hits[request.request_id] = num_computed_tokens
-        return super().get_num_new_matched_tokens(request, num_computed_tokens)
+        tokens, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        if tokens and self._recompute_rather_than_load(request, num_computed_tokens, tokens):
+            # LMCache is told 0 tokens in update_state_after_alloc and loads nothing.
+            del self._requests_to_connector[request.request_id]
+            return 0, False
+        return tokens, load_async
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -181,6 +195,8 @@ class ContinuumTieredConnector(MultiConnector):
             self._count("recompute", request.num_prompt_tokens - local - num_external_tokens)
             if from_lmcache:
                 self._awaiting_split.add(request.request_id)
+        if num_external_tokens:  # a load promotes what it read to LMCache's CPU tier
+            self._shadow_store(request, local, local + num_external_tokens)
         super().update_state_after_alloc(request, blocks, num_external_tokens)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -201,6 +217,7 @@ class ContinuumTieredConnector(MultiConnector):
 
     def request_finished(self, request: Request, blocks: list[int]) -> tuple[bool, Any]:
         result = super().request_finished(request, blocks)
+        self._shadow_store(request, 0, request.num_tokens)  # LMCache writes it through
         self._live.discard(request.request_id)
         for mapping in (self._local_hits, self._residency):
             mapping.pop(request.request_id, None)
@@ -229,6 +246,50 @@ class ContinuumTieredConnector(MultiConnector):
         tier = self._residency.get(request.request_id)
         profile = self._continuum.options.profile
         return tier if profile is not None and tier in profile.tiers else None
+
+    def _cost_aware_loads(self, vllm_config: VllmConfig) -> None:
+        """Sets up the scheduler's model of LMCache's tiers and the prices of a load and a
+        prefill; without tier sizes in LMCache's extra config or without both tiers in the
+        profile, every hit is loaded, as LMCache alone would."""
+        profile = self._continuum.options.profile
+        children = vllm_config.kv_transfer_config.kv_connector_extra_config["connectors"]
+        lmcache_extra = next(
+            (
+                c.get("kv_connector_extra_config", {})
+                for c in children
+                if c.get("kv_connector") == LMCacheConnectorV1.__name__
+            ),
+            {},
+        )
+        sizes = lmcache_tier_bytes(lmcache_extra)
+        if profile is None or sizes is None or any(t not in profile.tiers for t in TIER_ORDER):
+            return
+        block_bytes = self._block_size * profile.model.kv_bytes_per_token
+        self._shadow = TierStore.sized(*sizes, block_bytes)
+        self._load_cost = LoadCost(
+            profile.tiers, self._block_size, block_bytes, profile.serving_prefill_coeffs
+        )
+
+    def _recompute_rather_than_load(self, request: Request, computed: int, hit: int) -> bool:
+        if (
+            self._shadow is None
+            or self._load_cost is None
+            or self._requests_to_connector.get(request.request_id) != self._lmcache_index
+        ):
+            return False
+        keys = self._blocks(request, computed, computed + hit)
+        found = self._shadow.lookup(keys)
+        # Blocks LMCache holds that the model lost track of: assume the fast tier.
+        found += ["cpu"] * (len(keys) - len(found))
+        return not self._load_cost.load_pays(computed, found)
+
+    def _shadow_store(self, request: Request, start_token: int, end_token: int) -> None:
+        if self._shadow is not None:
+            for key in self._blocks(request, start_token, end_token):
+                self._shadow.store(key)
+
+    def _blocks(self, request: Request, start_token: int, end_token: int) -> list[Any]:
+        return request.block_hashes[start_token // self._block_size : end_token // self._block_size]
 
     def _warn_on_missing_profile_tiers(self) -> None:
         profile = self._continuum.options.profile

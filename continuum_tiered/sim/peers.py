@@ -8,12 +8,13 @@
 | ``autellix`` | program-level least attained service (PLAS) | freed on finish |
 | ``static-ttl`` | program FCFS | pinned 2 s (Continuum's public code) |
 | ``continuum`` | program FCFS | pinned for the cost-model TTL (our connector) |
-| ``tiered`` | program FCFS | ours: tier-priced TTL, pressure order by expected saving/block |
+| ``tiered`` | program FCFS | tier-priced TTL, saving-per-block order; tiers, cost-aware loads |
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
 
 ``tiered`` is ``policies/tiered.py`` over LMCache's CPU and disk tiers, configured with
 layerwise loads (``use_layerwise``: ``serve --tiers ... --layerwise-loads`` on a GPU), which
-overlap a reload with the forward pass.
+overlap a reload with the forward pass, and loading a tier hit only where the transfer
+beats its prefill (``ContinuumTieredConnector`` does so by default).
 
 The oracle is the lower bound on what KV retention can buy: with memory for everything,
 queue order still matters, so it runs each order (request FCFS, program FCFS, PLAS) and
@@ -52,6 +53,7 @@ class Peer:
     lmcache: bool = False
     lmcache_write_through: bool = True  # False: only what the pin policy offloads is stored
     lmcache_layerwise: bool = False  # loads overlap the forward pass (use_layerwise)
+    lmcache_cost_aware: bool = False  # a hit slower to load than to prefill is recomputed
     unlimited_kv: bool = False
 
 
@@ -87,6 +89,7 @@ PEERS: dict[str, Peer] = {
             pin_policy="tiered",
             lmcache=True,
             lmcache_layerwise=True,
+            lmcache_cost_aware=True,
         ),
         Peer("oracle", unlimited_kv=True),
     )

@@ -85,6 +85,8 @@ def connector_config(peer: Peer, setup: ReplaySetup) -> dict[str, Any] | None:
             "write_through": peer.lmcache_write_through,
             "layerwise": peer.lmcache_layerwise,
         }
+        if peer.lmcache_cost_aware:
+            extra["load_if_faster_than_prefill"] = list(profile.serving_prefill_coeffs)
         configs.append(_kv(LMCACHE_CONNECTOR, extra))
     if peer.pin_policy is not None:
         extra = {"policy": peer.pin_policy, "device": setup.deployment.device}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from continuum_tiered.profile import TierProfile
+from continuum_tiered.profile import TierProfile, prefill_increment
 from continuum_tiered.roofline import parameter_count
 
 H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
@@ -38,7 +38,7 @@ class StepTimeModel:
         cls, profile: TierProfile, hf_config: dict, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S
     ) -> StepTimeModel:
         if profile.engine is not None:
-            return cls(profile.engine.prefill_coeffs, profile.engine.decode_coeffs)
+            return cls(profile.serving_prefill_coeffs, profile.engine.decode_coeffs)
         decode = profile.decode_coeffs
         if decode is None:
             weights = parameter_count(hf_config) * profile.model.dtype_bytes
@@ -49,15 +49,10 @@ class StepTimeModel:
             )
         return cls(profile.prefill_coeffs, tuple(decode))
 
-    def prefill_s(self, offset: int, n: int) -> float:
-        _, c1, c2 = self.prefill_coeffs
-        end = offset + n
-        return c1 * n + c2 * (end * end - offset * offset)
-
     def step_s(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
         c0 = self.prefill_coeffs[0] if prefill_chunks else 0.0
         d0, d1, d2 = self.decode_coeffs
         fixed = max(c0, d0 if decode_contexts else 0.0)
-        prefill = sum(self.prefill_s(o, n) for o, n in prefill_chunks)
+        prefill = sum(prefill_increment(self.prefill_coeffs, o, n) for o, n in prefill_chunks)
         decode = d1 * len(decode_contexts) + d2 * sum(decode_contexts) if decode_contexts else 0.0
         return fixed + prefill + decode
