@@ -118,6 +118,10 @@ class EngineSteps:
 
     prefill_coeffs: tuple[float, float, float]  # one request's prefill step, admission included
     decode_coeffs: tuple[float, float, float]
+    # Each request's time outside the engine's steps, as its client sees it: HTTP, the API
+    # server's input and output processing, the hop to the engine core, streaming. 0: not
+    # measured.
+    request_overhead_s: float = 0.0
 
     def prefill_time(self, n_tokens: int) -> float:
         c0, c1, c2 = self.prefill_coeffs
@@ -128,10 +132,13 @@ class EngineSteps:
         return d0 + d1 * batch + d2 * batch * context_tokens
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "prefill_coeffs": list(self.prefill_coeffs),
             "decode_coeffs": list(self.decode_coeffs),
         }
+        if self.request_overhead_s:
+            data["request_overhead_s"] = self.request_overhead_s
+        return data
 
 
 @dataclass(frozen=True)
@@ -381,7 +388,12 @@ def _engine_steps(raw: object) -> EngineSteps | None:
     decode = _get(engine, "$.engine", "decode_coeffs", _decode_coeffs)
     if decode is None:
         raise ProfileError("$.engine.decode_coeffs: got None, expected [d0, d1, d2]")
-    return EngineSteps(_get(engine, "$.engine", "prefill_coeffs", _prefill_coeffs), decode)
+    # Optional: absent means not measured.
+    overhead = _number(engine.get("request_overhead_s", 0.0), "$.engine.request_overhead_s")
+    if overhead < 0:
+        raise ProfileError(f"$.engine.request_overhead_s: must be >= 0, got {overhead}")
+    prefill = _get(engine, "$.engine", "prefill_coeffs", _prefill_coeffs)
+    return EngineSteps(prefill, decode, overhead)
 
 
 def fit_quadratic(ns: Sequence[float], ts: Sequence[float]) -> tuple[float, float, float]:

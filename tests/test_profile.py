@@ -311,6 +311,17 @@ def test_engine_steps_round_trip(tmp_path: Path) -> None:
     assert ENGINE.decode_step_time(4, 1000) == pytest.approx(0.006 + 4e-4 + 4e-3)
 
 
+def test_engine_request_overhead_round_trip(tmp_path: Path) -> None:
+    """The measured round trip outside engine steps is kept; files without it read as 0."""
+    assert ENGINE.request_overhead_s == 0.0
+    assert "request_overhead_s" not in ENGINE.to_json()
+    engine = dataclasses.replace(ENGINE, request_overhead_s=0.05)
+    profile = dataclasses.replace(_profile(), engine=engine)
+    assert profile.to_json()["engine"]["request_overhead_s"] == 0.05
+    profile.save(tmp_path / "p.json")
+    assert TierProfile.load(tmp_path / "p.json").engine == engine
+
+
 @pytest.mark.parametrize(
     ("engine", "message"),
     [
@@ -328,6 +339,14 @@ def test_engine_steps_round_trip(tmp_path: Path) -> None:
         (
             {"prefill_coeffs": [0, 0, 0], "decode_coeffs": None},
             r"\$\.engine\.decode_coeffs: got None",
+        ),
+        (
+            {"prefill_coeffs": [0, 0, 0], "decode_coeffs": [0, 0, 0], "request_overhead_s": "1"},
+            r"\$\.engine\.request_overhead_s: got '1', expected a finite number",
+        ),
+        (
+            {"prefill_coeffs": [0, 0, 0], "decode_coeffs": [0, 0, 0], "request_overhead_s": -0.1},
+            r"\$\.engine\.request_overhead_s: must be >= 0",
         ),
     ],
 )

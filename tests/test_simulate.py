@@ -66,6 +66,19 @@ def test_measured_engine_steps_replace_the_model_only_fits(simple_profile, tmp_p
     assert run.jct_s == pytest.approx(0.094 + 1.0 + 0.062)
 
 
+def test_the_request_overhead_delays_each_turn_seen_by_its_program(simple_profile, tmp_path):
+    """A measured round trip outside engine steps is paid once per turn: after the first
+    turn's last step its tool call starts that much later, and the program ends that much
+    after the last turn's last step."""
+    engine = EngineSteps((0.010, 0.001, 0.0), (0.005, 0.0, 0.0), request_overhead_s=0.1)
+    path = tmp_path / "overhead.json"
+    dataclasses.replace(TierProfile.load(simple_profile), engine=engine).save(path)
+    program = TraceProgram("p", (Turn(32, 2, "grep", 1.0), Turn(48, 2, None, 0.0)), arrival_s=0.0)
+    _, (run,) = replay(PEERS["vllm"], [program], ReplaySetup(DEPLOYMENT, str(path)), 1)
+    # The steps of the first test (0.047, then 0.031 after the tool), one round trip each.
+    assert run.jct_s == pytest.approx(0.047 + 0.1 + 1.0 + 0.031 + 0.1)
+
+
 def test_a_tier_hit_slower_to_load_than_to_prefill_is_recomputed(simple_profile, tmp_path):
     """Stock LMCache loads every hit; ``tiered`` (cost-aware) recomputes one whose transfer
     is slower. A's turn-1 KV goes to a disk tier (no CPU tier) that needs 10 s for its two

@@ -5,6 +5,15 @@ take the step time of the scheduled batch, ``update_from_output()``. Only the fo
 pass and the clock are modelled; admission, prefix caching, preemption and the KV
 connectors are vLLM's and ours. Tool calls are pauses in virtual time: a program's next
 turn arrives ``tool_duration_s`` after its previous turn finished.
+
+A served turn also takes time outside the engine's steps: the HTTP request, the API
+server's input and output processing, the hop to the engine core, the streamed reply and
+the client's own work, all on cores the engine shares on a CPU build. The replay charges
+it as ``request_overhead_s`` per turn (measured against a server, see
+``experiments/fidelity.py``): a turn is over for its program that long after the engine's
+last step for it. Where the round trip splits (before the scheduler sees a request, after
+its last token) moves only a program's first entry: each later turn still enters the
+scheduler one round trip and one tool call after the previous one finished.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ class VirtualEngine:
         hooks: EngineHooks,
         vocab_size: int,
         seed: int = 0,
+        request_overhead_s: float = 0.0,
     ):
         self.driver = driver
         self.scheduler = driver.scheduler
@@ -43,6 +53,7 @@ class VirtualEngine:
         self.vocab_size = vocab_size
         self.now = 0.0
         self.seed = seed
+        self.request_overhead_s = request_overhead_s
         ordered = sorted(programs, key=lambda p: p.arrival_s)
         self.runs = [ProgramRun(p, seq) for seq, p in enumerate(ordered)]
         self._events: list[tuple[float, int, int]] = [
@@ -179,10 +190,11 @@ class VirtualEngine:
         run.block_hashes = list(request.block_hashes)
         turn = run.program.turns[run.turn]
         run.turn += 1
+        seen_s = self.now + self.request_overhead_s  # the reply has reached its program
         if run.turn == len(run.program.turns):
-            run.end_s = self.now
+            run.end_s = seen_s
             run.context, run.block_hashes = [], []
             on_program_done()
             return
         self._tiebreak += 1
-        heapq.heappush(self._events, (self.now + turn.tool_duration_s, self._tiebreak, run.seq))
+        heapq.heappush(self._events, (seen_s + turn.tool_duration_s, self._tiebreak, run.seq))

@@ -161,13 +161,15 @@ def _replay_once(
     if key not in _VLLM_CONFIGS:  # building one takes seconds; loads reuse it
         _VLLM_CONFIGS[key] = build_vllm_config(cfg)
     driver = SchedulerDriver(cfg, _VLLM_CONFIGS[key])
+    profile = setup.profile()
     engine = VirtualEngine(
         driver,
-        StepTimeModel.from_profile(setup.profile(), setup.deployment.hf_config()),
+        StepTimeModel.from_profile(profile, setup.deployment.hf_config()),
         programs,
         peer.hooks,
         vocab_size=setup.deployment.hf_config()["vocab_size"],
         seed=setup.seed,
+        request_overhead_s=profile.engine.request_overhead_s if profile.engine else 0.0,
     )
     runs = engine.run(on_program_done)
     return summarize(peer.name, jps, [r.outcome() for r in runs]), runs
