@@ -39,6 +39,7 @@ from continuum_tiered.agent_runner import (
     summarize_records,
 )
 from continuum_tiered.metrics import RunSummary
+from continuum_tiered.serve import RESERVED_CPU_ENV
 from continuum_tiered.server import (
     ServerProcess,
     continuum_serve_command,
@@ -67,9 +68,11 @@ CPU_TOKEN_SCALE = 0.25  # SWE-bench contexts of ~10k tokens become a few thousan
 # scheduler, and reserves one more core when any KV connector is configured (meant for NIXL).
 # On two cores that leaves none: the worker then spreads its OpenMP threads over both,
 # spin-waiting against the scheduler and API server, and decodes several times slower than
-# vanilla vLLM's worker bound to one core. The same reservation for every system keeps the
-# comparison about KV and scheduling rather than thread placement.
-CPU_ENGINE_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+# vanilla vLLM's worker bound to one core. ``continuum-tiered serve`` asks for one core by
+# itself (``serve.cpu_core_reservation``); a plain vLLM server with LMCache's connector needs
+# it said. The same reservation for every system keeps the comparison about KV and
+# scheduling rather than thread placement.
+CPU_ENGINE_ENV = {RESERVED_CPU_ENV: "1"}
 # The demo model's profile (``continuum-tiered profile --device cpu`` on a 2-core machine):
 # its prefill time and KV bytes per token, and the CPU and disk tiers' bandwidths.
 CPU_PROFILE = "cpu-demo-llama"

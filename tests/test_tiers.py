@@ -7,7 +7,7 @@ import json
 import pytest
 
 from continuum_tiered.cli import main
-from continuum_tiered.serve import ServeOptions
+from continuum_tiered.serve import RESERVED_CPU_ENV, ServeOptions
 from continuum_tiered.tiers import DISK_SUBDIR, GIB, Tiers, TierSpecError, lmcache_tier_bytes
 
 
@@ -88,3 +88,15 @@ def test_layerwise_loads_go_to_lmcache_and_are_refused_on_the_cpu_build(capsys):
     assert "needs --tiers" in capsys.readouterr().err
     assert main(["serve", "m", "--tiers", "cpu=1GB", "--layerwise-loads", "--dry-run"]) == 2
     assert "CPU build has none" in capsys.readouterr().err
+
+
+def test_serve_on_the_cpu_build_leaves_out_the_connector_core(capsys, monkeypatch):
+    """vLLM's CPU build reserves a second core for any KV connector; serve asks for one."""
+    monkeypatch.delenv(RESERVED_CPU_ENV, raising=False)
+    assert main(["serve", "m", "--dry-run"]) == 0
+    assert f"{RESERVED_CPU_ENV}=1 vllm serve" in capsys.readouterr().out
+    assert main(["serve", "m", "--dry-run", "--tensor-parallel-size", "2"]) == 0
+    assert RESERVED_CPU_ENV not in capsys.readouterr().out  # several workers: vLLM decides
+    monkeypatch.setenv(RESERVED_CPU_ENV, "0")
+    assert main(["serve", "m", "--dry-run"]) == 0
+    assert RESERVED_CPU_ENV not in capsys.readouterr().out  # the user's setting stands
