@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,20 @@ def register() -> None:
         with contextlib.suppress(ValueError):
             KVConnectorFactory.register_connector(name, module, name)
     give_lmcache_the_cpu_connector(KVConnectorFactory._registry)
+    log_through_vllm()
+
+
+def log_through_vllm() -> None:
+    """Send our loggers' records (``continuum_tiered.*``) to vLLM's handlers at its level:
+    vLLM's logging config handles only the ``vllm`` logger, so our INFO lines (a disk tier
+    removed at shutdown, say) would not reach the server log."""
+    ours, theirs = logging.getLogger("continuum_tiered"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:  # done already, or vLLM's logging is off
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
 
 
 def give_lmcache_the_cpu_connector(registry: dict[str, Callable[[], Any]]) -> None:

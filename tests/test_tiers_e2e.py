@@ -346,6 +346,7 @@ def test_greedy_outputs_are_identical_whatever_the_prefix_source(runs):
 def test_disk_tier_is_written_and_removed_at_shutdown(runs, disk_root):
     assert runs["disk_files"], "LMCache wrote nothing to the disk tier"
     assert not (disk_root / DISK_SUBDIR).exists()
+    assert "continuum-tiered: removed the disk tier" in runs["log"]  # our INFO lines show
 
 
 def test_failed_disk_write_leaves_no_trace_in_lmcache(tmp_path):
