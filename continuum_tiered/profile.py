@@ -118,9 +118,8 @@ class EngineSteps:
 
     prefill_coeffs: tuple[float, float, float]  # one request's prefill step, admission included
     decode_coeffs: tuple[float, float, float]
-    # Each request's time outside the engine's steps, as its client sees it: HTTP, the API
-    # server's input and output processing, the hop to the engine core, streaming. 0: not
-    # measured.
+    # Each turn's time outside the engine, as its program sees it: HTTP, the API server's
+    # request and response handling, streaming, the client's own work. 0: not measured.
     request_overhead_s: float = 0.0
 
     def prefill_time(self, n_tokens: int) -> float:

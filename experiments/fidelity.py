@@ -2,14 +2,17 @@
 
 1. Profile the demo model on this CPU (``continuum-tiered profile --device cpu --engine``):
    the replay steps as long as the vLLM engine does, not as a bare forward pass.
-2. Calibrate each request's round trip outside the engine against the server: run the
-   *next* slice of programs (disjoint from the measured ones) at the same rate and take,
-   per turn, the client's latency minus vLLM's own end-to-end latency (from arrival at
-   its input processor to its last output, read from ``/metrics``). On this 2-core box
-   the gap is mostly the API server and the client waiting for cores the busy engine
-   holds: in one diagnosis about 15 ms per request on an idle server, about 200 ms under
-   this load (1-minute load average 2.2). It is stored as ``engine.request_overhead_s``
-   of a copy of the profile. The calibration also warms the server up.
+2. Calibrate each turn's time outside the engine against the server: run the next
+   ``CALIBRATION_SLICES`` slices of programs (disjoint from the measured ones; twice as
+   many, since single turns vary widely) at the same rate and take, per turn, the
+   programs' time besides their tool calls (JCT less the tools' durations) minus vLLM's
+   own end-to-end latency (from arrival at its input processor to its last output, read
+   from ``/metrics``). That is the HTTP round trip, the API server's work and the
+   client's own (streaming, and waking up late from a tool pause). On this 2-core box it
+   is mostly processes waiting for cores the busy engine holds: about 15 ms per request
+   on an idle server, a few hundred ms per turn under this load with other work on the
+   cores (1-minute load average 2-3). It is stored as ``engine.request_overhead_s`` of a
+   copy of the profile. The calibration also warms the server up.
 3. Replay a small SWE-bench slice in real time against the same ``continuum-tiered
    serve`` on the CPU build of vLLM (real HTTP, real engine, real tool pauses).
 4. Replay the same programs, arrivals and KV pool in virtual time, with the engine steps
@@ -53,11 +56,13 @@ MAX_SEQS = 64
 TARGET = 0.15
 PEER = "continuum"  # the retention policy on both sides
 E2E = "vllm:e2e_request_latency_seconds"
+CALIBRATION_SLICES = 2
 
 
 @dataclass(frozen=True)
 class TurnTimes:
-    """Mean seconds per turn: as its program saw it, and inside the engine."""
+    """Mean seconds per turn: of its program's time besides tool calls, and inside the
+    engine."""
 
     turn_s: float
     engine_s: float
@@ -74,27 +79,31 @@ class TurnTimes:
 def timed_run(
     url: str, programs: list[TraceProgram], options: RunnerOptions
 ) -> tuple[list[ProgramRecord], TurnTimes]:
-    """The programs run against the server at ``url``; per turn, the client's latency and
-    vLLM's own end-to-end latency of the same requests (``/metrics`` before and after)."""
+    """The programs run against the server at ``url``; per turn, their time besides tool
+    calls and vLLM's own end-to-end latency of their requests (``/metrics`` before and
+    after)."""
     before = prometheus_samples(url, E2E)
     records = asyncio.run(run_programs(url, programs, options))
     after = prometheus_samples(url, E2E)
-    turns = [turn for record in records for turn in record.turns]
+    turns = sum(len(record.turns) for record in records)
     failed = [record.error for record in records if record.error]
     served = after[f"{E2E}_count"] - before[f"{E2E}_count"]
-    if failed or served != len(turns):
-        raise RuntimeError(f"{len(turns)} turns, {served} served by the engine; {failed}")
-    engine_s = after[f"{E2E}_sum"] - before[f"{E2E}_sum"]
-    return records, TurnTimes(sum(t.latency_s for t in turns) / len(turns), engine_s / len(turns))
+    if failed or served != turns:
+        raise RuntimeError(f"{turns} turns, {served} served by the engine; {failed}")
+    engine_s = (after[f"{E2E}_sum"] - before[f"{E2E}_sum"]) / turns
+    return records, TurnTimes(mean_turn_s([r.jct_s for r in records], programs), engine_s)
 
 
 def virtual_turn_times(runs: list[ProgramRun], overhead_s: float) -> TurnTimes:
-    """A replay's turns: its JCTs less the tool calls, per turn; the engine's part is that
-    less the charged round trip."""
-    turns = [turn for run in runs for turn in run.program.turns]
-    tools = sum(turn.tool_duration_s for run in runs for turn in run.program.turns[:-1])
-    turn_s = (sum(run.jct_s for run in runs) - tools) / len(turns)
+    """A replay's turns; the engine's part is their time less the charged round trip."""
+    turn_s = mean_turn_s([run.jct_s for run in runs], [run.program for run in runs])
     return TurnTimes(turn_s, turn_s - overhead_s)
+
+
+def mean_turn_s(jcts: list[float], programs: list[TraceProgram]) -> float:
+    """The programs' JCTs less their tool calls' (nominal) durations, per turn."""
+    tools = sum(turn.tool_duration_s for program in programs for turn in program.turns[:-1])
+    return (sum(jcts) - tools) / sum(len(program.turns) for program in programs)
 
 
 def main() -> int:
@@ -116,7 +125,10 @@ def main() -> int:
     trace = [
         dataclasses.replace(program, turns=program.turns[: args.turns])
         for program in load_named_trace(
-            "swebench", programs=2 * args.programs, seed=args.seed, token_scale=args.token_scale
+            "swebench",
+            programs=(1 + CALIBRATION_SLICES) * args.programs,
+            seed=args.seed,
+            token_scale=args.token_scale,
         )
     ]
     programs = with_poisson_arrivals(trace[: args.programs], args.jps, args.seed)

@@ -6,14 +6,14 @@ pass and the clock are modelled; admission, prefix caching, preemption and the K
 connectors are vLLM's and ours. Tool calls are pauses in virtual time: a program's next
 turn arrives ``tool_duration_s`` after its previous turn finished.
 
-A served turn also takes time outside the engine's steps: the HTTP request, the API
-server's input and output processing, the hop to the engine core, the streamed reply and
-the client's own work, all on cores the engine shares on a CPU build. The replay charges
-it as ``request_overhead_s`` per turn (measured against a server, see
-``experiments/fidelity.py``): a turn is over for its program that long after the engine's
-last step for it. Where the round trip splits (before the scheduler sees a request, after
-its last token) moves only a program's first entry: each later turn still enters the
-scheduler one round trip and one tool call after the previous one finished.
+A served turn also takes time outside the engine: the HTTP request, the API server's
+request and response handling, the streamed reply and the client's own work, all on
+cores the engine shares on a CPU build. The replay charges it as ``request_overhead_s``
+per turn (measured against a server, see ``experiments/fidelity.py``): a turn is over for
+its program that long after the engine's last step for it. Where the round trip splits
+(before the scheduler sees a request, after its last token) moves only a program's first
+entry: each later turn still enters the scheduler one round trip and one tool call after
+the previous one finished.
 """
 
 from __future__ import annotations
