@@ -39,6 +39,8 @@ class RunSummary:
     throughput_programs_per_h: float
     avg_queue_s: float
     prefix_hit_ratio: float
+    # Virtual time only: KV blocks held by requests and pins, averaged over the busy time.
+    mean_kv_blocks: float | None = None
 
     def to_json(self) -> dict[str, object]:
         """The fields, with undefined statistics (no completed program) as null."""

@@ -95,11 +95,14 @@ def run_setting(
     return runs, robustness
 
 
-def ratio_table(runs: Sequence[RunSummary]) -> str:
-    """Ours over each reference, per load: lower is better."""
+def ratio_table(runs: Sequence[RunSummary], gpu_blocks: int) -> str:
+    """Ours over each reference, per load: lower is better. The last column is the oracle's
+    KV in use over the deployment's GPU pool: above 1, what the oracle runs at once does not
+    fit on the GPU, so any real policy queues where the oracle does not."""
     lines = [
-        "| load (jps) | avg / oracle | avg / continuum | p95 / continuum | avg / vllm |",
-        "|---|---|---|---|---|",
+        "| load (jps) | avg / oracle | avg / continuum | p95 / continuum | avg / vllm "
+        "| oracle's KV / GPU pool |",
+        "|---|---|---|---|---|---|",
     ]
     for jps in sorted({r.jps for r in runs}):
         at = {r.policy: r for r in runs if r.jps == jps}
@@ -108,7 +111,8 @@ def ratio_table(runs: Sequence[RunSummary]) -> str:
             f"| {jps:g} | {ours.avg_jct_s / at['oracle'].avg_jct_s:.3f} "
             f"| {ours.avg_jct_s / at['continuum'].avg_jct_s:.3f} "
             f"| {ours.p95_jct_s / at['continuum'].p95_jct_s:.3f} "
-            f"| {ours.avg_jct_s / at['vllm'].avg_jct_s:.3f} |"
+            f"| {ours.avg_jct_s / at['vllm'].avg_jct_s:.3f} "
+            f"| {(at['oracle'].mean_kv_blocks or 0.0) / gpu_blocks:.2f} |"
         )
     return "\n".join(lines)
 
@@ -126,7 +130,7 @@ def report_section(
         f"## {setting.name}: {setting.trace}, {programs} programs, profile {setting.profile}",
         markdown_table(runs),
         "Ratios of `tiered`:",
-        ratio_table(runs),
+        ratio_table(runs, Deployment(model=setting.model).num_gpu_blocks()),
     ]
     for name, shifted in robustness.items():
         parts += [f"Robustness, {name}, at {setting.loads[1]:g} jps:", markdown_table(shifted)]

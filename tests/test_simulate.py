@@ -52,6 +52,10 @@ def test_a_two_turn_program_takes_the_hand_computed_time(simple_profile):
     assert run.jct_s == pytest.approx(0.047 + 1.0 + 0.031)
     assert run.hit_tokens == 32
     assert summary.prefix_hit_ratio == pytest.approx(32 / (32 + 48))
+    # KV held per step (16-token blocks): 2 for the 32-token prefill, 3 once the first
+    # token is decoded; turn 2: 3 while prefilling tokens 33-48, 4 for its decode.
+    held = 2 * 0.042 + 3 * 0.005 + 3 * 0.026 + 4 * 0.005
+    assert summary.mean_kv_blocks == pytest.approx(held / (0.047 + 0.031))
 
 
 def test_measured_engine_steps_replace_the_model_only_fits(simple_profile, tmp_path):

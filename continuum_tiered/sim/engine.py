@@ -54,6 +54,8 @@ class VirtualEngine:
         self.now = 0.0
         self.seed = seed
         self.request_overhead_s = request_overhead_s
+        self.busy_s = 0.0  # virtual time spent in steps
+        self.kv_block_seconds = 0.0  # blocks held (by requests or pins) integrated over steps
         ordered = sorted(programs, key=lambda p: p.arrival_s)
         self.runs = [ProgramRun(p, seq) for seq, p in enumerate(ordered)]
         self._events: list[tuple[float, int, int]] = [
@@ -114,7 +116,12 @@ class VirtualEngine:
                 if (since := self._waiting_since.pop(new.req_id, None)) is not None:
                     run.queue_s += start - since
                     run.hit_tokens += new.num_computed_tokens
-            self.now += self._step_seconds(out)
+            seconds = self._step_seconds(out)
+            pool = self.driver.block_pool
+            held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # less the null block
+            self.busy_s += seconds
+            self.kv_block_seconds += held * seconds
+            self.now += seconds
             finished = self._feed_back(out)
             for rid in finished:
                 self._turn_finished(rid, on_program_done)

@@ -172,4 +172,6 @@ def _replay_once(
         request_overhead_s=profile.engine.request_overhead_s if profile.engine else 0.0,
     )
     runs = engine.run(on_program_done)
-    return summarize(peer.name, jps, [r.outcome() for r in runs]), runs
+    summary = summarize(peer.name, jps, [r.outcome() for r in runs])
+    mean_kv = engine.kv_block_seconds / engine.busy_s if engine.busy_s else 0.0
+    return replace(summary, mean_kv_blocks=mean_kv), runs
