@@ -165,7 +165,7 @@ def main() -> int:
     engine_steps = dataclasses.replace(steps_only.engine, request_overhead_s=overhead)
     dataclasses.replace(steps_only, engine=engine_steps).save(served)
     print("virtual time: replaying the same programs ...", flush=True)
-    (steps, _), (virtual, runs) = (
+    (steps, steps_runs), (virtual, runs) = (
         replay(get_peer(PEER), programs, ReplaySetup(deployment, str(path), args.seed), args.jps)
         for path in (profile, served)
     )
@@ -187,6 +187,13 @@ def main() -> int:
     verdict = "PASS" if abs(error) <= TARGET else "FAIL"
     print(f"{verdict}: predicted average JCT off by {error:+.1%} (target within {TARGET:.0%})")
     print(f"with the engine steps only: off by {steps.avg_jct_s / real.avg_jct_s - 1:+.1%}")
+    # What the replay models, alone: the engine's time per turn (vLLM's own end-to-end
+    # latency, queueing included) against the steps-only replay's.
+    engine = mean_turn_s([run.jct_s for run in steps_runs], programs)
+    print(
+        f"engine time per turn: real {1e3 * measured.engine_s:.0f} ms (vLLM's e2e latency), "
+        f"steps-only replay {1e3 * engine:.0f} ms: off by {engine / measured.engine_s - 1:+.1%}"
+    )
     return 0
 
 
