@@ -118,11 +118,14 @@ class Client:
         }
 
     def prefix_sources(self) -> dict[str, float]:
-        samples = prometheus_samples(self.process.url, "vllm:continuum_prefix_tokens_from_")
-        return {
+        samples = prometheus_samples(self.process.url, "vllm:continuum_")
+        sources = {
             source: samples.get(f"vllm:continuum_prefix_tokens_from_{source}_total", 0.0)
             for source in ("gpu", "cpu", "disk", "recompute")
         }
+        # Tier hits recomputed because loading them was priced above their prefill.
+        declined = samples.get("vllm:continuum_tier_hit_tokens_recomputed_total", 0.0)
+        return {**sources, "declined": declined}
 
 
 class DiskTier:
@@ -290,12 +293,14 @@ def test_prefix_pushed_out_of_the_cpu_tier_comes_back_from_disk(runs):
     run = runs["tiered"]["disk"]["returns"][1]
     assert run["sources"]["gpu"] == 0
     assert run["sources"]["disk"] == PREFIX
+    assert run["sources"]["declined"] == 0  # this profile prices the disk above a prefill
     assert run["cached"] == PREFIX
 
 
 def test_a_disk_hit_slower_to_load_than_to_prefill_is_recomputed(slow_disk_runs, runs):
     disk = slow_disk_runs["disk"]["returns"][1]
     assert disk["sources"]["disk"] == 0
+    assert disk["sources"]["declined"] == PREFIX  # LMCache's hit, counted as recomputed
     assert disk["sources"]["recompute"] == PREFIX + 64
     assert disk["cached"] == 0
     cpu = slow_disk_runs["cpu"]["returns"][1]
@@ -324,7 +329,7 @@ def test_full_disk_tier_degrades_to_recompute_with_a_warning(runs):
     assert runs["free_when_full"] == 0, "the filler file left room on the disk tier"
     assert runs["tiered"]["full"]["returns"][1] == {
         "cached": 0,
-        "sources": {"gpu": 0, "cpu": 0, "disk": 0, "recompute": PREFIX + 64},
+        "sources": {"gpu": 0, "cpu": 0, "disk": 0, "recompute": PREFIX + 64, "declined": 0},
     }
     warnings = [line for line in runs["log"].splitlines() if "LMCache disk tier" in line]
     assert any("No space left on device" in line for line in warnings), warnings

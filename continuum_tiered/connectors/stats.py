@@ -27,6 +27,10 @@ def prefix_counter(source: str) -> str:
     return f"prefix_tokens_from_{source}"
 
 
+# Tokens of LMCache hits recomputed because their transfer was priced above the prefill.
+DECLINED_LOADS = "tier_hit_tokens_recomputed"
+
+
 COUNTERS = (
     "pins_created",
     "pin_expirations",
@@ -35,6 +39,7 @@ COUNTERS = (
     "pinned_prefix_hit_tokens",
     "hints_rejected",
     *map(prefix_counter, PREFIX_SOURCES),
+    DECLINED_LOADS,
 )
 GAUGES = ("active_pins", "pinned_blocks")
 TOOL_TTLS = "tool_ttl_s"

@@ -47,7 +47,12 @@ from vllm.logger import init_logger
 
 from continuum_tiered.connectors.continuum import ContinuumConnector
 from continuum_tiered.connectors.lmcache_residency import LMCacheResidency
-from continuum_tiered.connectors.stats import PREFIX_SOURCES, ContinuumStats, prefix_counter
+from continuum_tiered.connectors.stats import (
+    DECLINED_LOADS,
+    PREFIX_SOURCES,
+    ContinuumStats,
+    prefix_counter,
+)
 from continuum_tiered.hints import HintError, parse_hints
 from continuum_tiered.lmcache_shadow import TIER_ORDER, LoadCost, TierStore
 from continuum_tiered.tiers import lmcache_tier_bytes
@@ -111,7 +116,8 @@ class ContinuumTieredConnector(MultiConnector):
         self._residency: dict[str, str | None] = {}
         self._local_hits: dict[str, int] = {}
         self._awaiting_split: set[str] = set()
-        self._prefix_counts = dict.fromkeys(map(prefix_counter, PREFIX_SOURCES), 0)
+        self._counts = dict.fromkeys([*map(prefix_counter, PREFIX_SOURCES), DECLINED_LOADS], 0)
+        self._declined: dict[str, int] = {}  # request -> hit tokens it will recompute
         self._block_size = vllm_config.cache_config.block_size
         self._shadow: TierStore | None = None
         self._load_cost: LoadCost | None = None
@@ -174,10 +180,12 @@ class ContinuumTieredConnector(MultiConnector):
     ) -> tuple[int | None, bool]:
         self._live.add(request.request_id)
         self._local_hits[request.request_id] = num_computed_tokens
+        self._declined.pop(request.request_id, None)  # each lookup decides afresh
         tokens, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
         if tokens and self._recompute_rather_than_load(request, num_computed_tokens, tokens):
             # LMCache is told 0 tokens in update_state_after_alloc and loads nothing.
             del self._requests_to_connector[request.request_id]
+            self._declined[request.request_id] = tokens  # counted once it is scheduled
             return 0, False
         return tokens, load_async
 
@@ -185,6 +193,7 @@ class ContinuumTieredConnector(MultiConnector):
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         local = self._local_hits.pop(request.request_id, 0)
+        self._counts[DECLINED_LOADS] += self._declined.pop(request.request_id, 0)
         if _is_returning_turn(request):
             from_lmcache = (
                 num_external_tokens
@@ -219,16 +228,16 @@ class ContinuumTieredConnector(MultiConnector):
         result = super().request_finished(request, blocks)
         self._shadow_store(request, 0, request.num_tokens)  # LMCache writes it through
         self._live.discard(request.request_id)
-        for mapping in (self._local_hits, self._residency):
+        for mapping in (self._local_hits, self._residency, self._declined):
             mapping.pop(request.request_id, None)
         return result
 
     def get_kv_connector_stats(self) -> MultiKVConnectorStats | None:
         stats = super().get_kv_connector_stats()
-        counts = {k: v for k, v in self._prefix_counts.items() if v}
+        counts = {k: v for k, v in self._counts.items() if v}
         if not counts:
             return stats
-        self._prefix_counts = dict.fromkeys(self._prefix_counts, 0)
+        self._counts = dict.fromkeys(self._counts, 0)
         stats = stats if stats is not None else MultiKVConnectorStats()
         name = ContinuumConnector.__name__
         ours = ContinuumStats(counts)
@@ -237,8 +246,8 @@ class ContinuumTieredConnector(MultiConnector):
 
     def _count(self, source: str, tokens: int) -> None:
         key = prefix_counter(source)
-        if key in self._prefix_counts and tokens > 0:
-            self._prefix_counts[key] += tokens
+        if key in self._counts and tokens > 0:
+            self._counts[key] += tokens
 
     def _tier_after_release(self, request: Request) -> str | None:
         """Called by ``ContinuumConnector.request_finished``: the tier the worker last
