@@ -124,7 +124,7 @@ class ContinuumTieredConnector(MultiConnector):
         if role == KVConnectorRole.SCHEDULER:
             self._warn_on_missing_profile_tiers()
             self._continuum.residency = self._tier_after_release
-            self._cost_aware_loads(vllm_config)
+            self._cost_aware_loads()
 
     # ---------------------------------------------------------------- worker
 
@@ -256,21 +256,13 @@ class ContinuumTieredConnector(MultiConnector):
         profile = self._continuum.options.profile
         return tier if profile is not None and tier in profile.tiers else None
 
-    def _cost_aware_loads(self, vllm_config: VllmConfig) -> None:
+    def _cost_aware_loads(self) -> None:
         """Sets up the scheduler's model of LMCache's tiers and the prices of a load and a
         prefill; without tier sizes in LMCache's extra config or without both tiers in the
         profile, every hit is loaded, as LMCache alone would."""
         profile = self._continuum.options.profile
-        children = vllm_config.kv_transfer_config.kv_connector_extra_config["connectors"]
-        lmcache_extra = next(
-            (
-                c.get("kv_connector_extra_config", {})
-                for c in children
-                if c.get("kv_connector") == LMCacheConnectorV1.__name__
-            ),
-            {},
-        )
-        sizes = lmcache_tier_bytes(lmcache_extra)
+        # The LMCache child's own config, as MultiConnector built it (vLLM's base keeps it).
+        sizes = lmcache_tier_bytes(self._lmcache._kv_transfer_config.kv_connector_extra_config)
         if profile is None or sizes is None or any(t not in profile.tiers for t in TIER_ORDER):
             return
         block_bytes = self._block_size * profile.model.kv_bytes_per_token
@@ -302,7 +294,7 @@ class ContinuumTieredConnector(MultiConnector):
 
     def _warn_on_missing_profile_tiers(self) -> None:
         profile = self._continuum.options.profile
-        missing = [t for t in ("cpu", "disk") if profile is None or t not in profile.tiers]
+        missing = [t for t in TIER_ORDER if profile is None or t not in profile.tiers]
         if missing:
             logger.warning(
                 "continuum-tiered: the tier profile has no %s tier; TTLs treat KV found "

@@ -23,7 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from continuum_tiered.connectors.scheduler_only import SchedulerOnlyConnector
-from continuum_tiered.lmcache_shadow import TIER_ORDER, LoadCost, TierStore, transfer_s
+from continuum_tiered.lmcache_shadow import LoadCost, TierStore, transfer_s
 from continuum_tiered.profile import Tier
 
 if TYPE_CHECKING:
@@ -64,8 +64,6 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         self._planned: dict[str, tuple[int, list[str]]] = {}  # request -> (first block, tiers)
         self._transfer_s = 0.0
-        self.loaded_tokens = dict.fromkeys(TIER_ORDER, 0)
-        self.recomputed_tokens = 0  # hits left to prefill because loading was slower
 
     def step_with_loads(self, compute_s: float) -> float:
         """The step's time once the loads planned for it are done.
@@ -88,7 +86,6 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         if not found:
             return 0, False
         if self.load_cost is not None and not self.load_cost.load_pays(num_computed_tokens, found):
-            self.recomputed_tokens += len(found) * self.block_size
             return 0, False
         self._planned[request.request_id] = (start, found)
         return len(found) * self.block_size, False
@@ -102,8 +99,6 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         start, found = planned
         found = found[: num_external_tokens // self.block_size]
         self._transfer_s += transfer_s(self.tiers, self.block_bytes, found)
-        for tier_name in TIER_ORDER:
-            self.loaded_tokens[tier_name] += found.count(tier_name) * self.block_size
         # Loaded blocks become the CPU tier's most recent (disk hits are promoted). A block
         # may have moved since the lookup (another request's promotion pushed it down).
         for key in request.block_hashes[start : start + len(found)]:

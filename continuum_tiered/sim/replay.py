@@ -10,6 +10,7 @@ from typing import Any
 
 from vllm.config import VllmConfig
 
+from continuum_tiered.lmcache_shadow import TIER_ORDER
 from continuum_tiered.metrics import RunSummary, summarize
 from continuum_tiered.plugin import CONNECTOR_NAME
 from continuum_tiered.profile import ModelShape, TierProfile, load_named_profile
@@ -17,7 +18,6 @@ from continuum_tiered.roofline import estimated_profile
 from continuum_tiered.sim.deployment import Deployment
 from continuum_tiered.sim.engine import VirtualEngine
 from continuum_tiered.sim.lmcache_model import CONNECTOR_NAME as LMCACHE_CONNECTOR
-from continuum_tiered.sim.lmcache_model import TIER_ORDER
 from continuum_tiered.sim.lmcache_model import register as register_lmcache_model
 from continuum_tiered.sim.peers import QUEUE_ORDERS, Peer
 from continuum_tiered.sim.program_run import ProgramRun
