@@ -10,9 +10,10 @@
    from ``/metrics``). That is the HTTP round trip, the API server's work and the
    client's own (streaming, and waking up late from a tool pause). On this 2-core box it
    is mostly processes waiting for cores the busy engine holds: about 15 ms per request
-   on an idle server, a few hundred ms per turn under this load with other work on the
-   cores (1-minute load average 2-3). It is stored as ``engine.request_overhead_s`` of a
-   copy of the profile. The calibration also warms the server up.
+   on an idle server, 0.5-2 s per turn in these runs, varying with the programs (a slice
+   with one 1,800-token streamed reply pays the most). It is stored as
+   ``engine.request_overhead_s`` of a copy of the profile. The calibration also warms the
+   server up.
 3. Replay a small SWE-bench slice in real time against the same ``continuum-tiered
    serve`` on the CPU build of vLLM (real HTTP, real engine, real tool pauses).
 4. Replay the same programs, arrivals and KV pool in virtual time, with the engine steps
@@ -40,7 +41,6 @@ from continuum_tiered.agent_runner import (
 )
 from continuum_tiered.cli import main as cli
 from continuum_tiered.demo import DEMO_SHAPE
-from continuum_tiered.experiment import CPU_ENGINE_ENV
 from continuum_tiered.profile import TierProfile
 from continuum_tiered.server import ServerProcess, plugin_server_command, prometheus_samples
 from continuum_tiered.sim.deployment import Deployment
@@ -139,8 +139,8 @@ def main() -> int:
     serve = ["--policy", PEER, "--profile", str(profile)]
     command = plugin_server_command(model, args.kv_blocks, *serve, *engine)
     print("real time: starting continuum-tiered serve ...", flush=True)
-    # The core layout of vLLM's CPU worker without a connector, as the engine profile ran.
-    with ServerProcess(command, args.out / "server.log", env=CPU_ENGINE_ENV) as server:
+    # serve gives the worker the core layout it has without a connector, as the profile ran.
+    with ServerProcess(command, args.out / "server.log") as server:
         options = RunnerOptions(model="tiny", send_hints=True, seed=args.seed)
         print("real time: calibrating the request round trip ...", flush=True)
         _, calibrated = timed_run(server.url, calibration, options)
