@@ -13,6 +13,8 @@ a wrong estimate costs time, never correctness).
 
 from __future__ import annotations
 
+import math
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,7 +59,8 @@ class TierStore:
 
     @classmethod
     def sized(cls, cpu_bytes: float, disk_bytes: float, block_bytes: int) -> TierStore:
-        return cls(LRUTier(int(cpu_bytes // block_bytes)), LRUTier(int(disk_bytes // block_bytes)))
+        """Tiers of these sizes; an infinite size never evicts."""
+        return cls(_tier(cpu_bytes, block_bytes), _tier(disk_bytes, block_bytes))
 
     def store(self, key: Hashable) -> None:
         """Write ``key`` to the CPU tier (a disk copy goes: the CPU one is faster)."""
@@ -83,6 +86,10 @@ class TierStore:
         if num_blocks <= self.cpu.capacity + self.disk.capacity:
             return "disk"
         return None
+
+
+def _tier(size_bytes: float, block_bytes: int) -> LRUTier:
+    return LRUTier(sys.maxsize if math.isinf(size_bytes) else int(size_bytes // block_bytes))
 
 
 def transfer_s(tiers: Mapping[str, Tier], block_bytes: int, found: Sequence[str]) -> float:

@@ -34,3 +34,22 @@ def test_robustness_against_the_better_baseline() -> None:
     assert check.passed and check.ratio == 1.01
     runs[-1] = _run("tiered", 2, 10.5)
     assert not robustness_check("bimodal", runs).passed
+
+
+def test_an_oracle_check_names_the_retention_bound_where_it_ran() -> None:
+    """The bound (every KV kept at no cost, in the real GPU pool) tells a gap no retention
+    policy can close from one it can; a miss stays a miss either way."""
+    runs = [
+        _run("oracle", 4, 10),
+        _run("retention-bound", 4, 11.5),
+        _run("tiered", 4, 11.8),
+        _run("continuum", 4, 20),
+        _run("vllm", 4, 30),
+    ]
+    by = {(c.name, c.jps): c for c in setting_checks(runs)}
+    check = by[("avg JCT / oracle", 4)]
+    assert not check.passed and check.bound == 1.15
+    assert check.line() == (
+        "MISS: avg JCT / oracle at 4 jps: 1.180 (limit 1.1); the retention bound: 1.150"
+    )
+    assert by[("avg JCT / continuum", 4)].bound is None

@@ -17,6 +17,7 @@ block rather than 256-token chunk granularity).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
@@ -42,7 +43,9 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
     false stores only what ``offload`` is given), ``layerwise`` (default false) and
     ``load_if_faster_than_prefill`` (prefill coefficients [c0, c1, c2]: a hit whose
     transfer takes longer than its prefill is recomputed, as ``ContinuumTieredConnector``
-    decides; absent, every hit is loaded, as LMCache does), which the replay fills in."""
+    decides; absent, every hit is loaded, as LMCache does), which the replay fills in, and
+    ``free`` (default false; not LMCache but the bound on any retention policy): the CPU
+    tier is unbounded and its loads take no time."""
 
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -52,7 +55,9 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         self.block_size = vllm_config.cache_config.block_size
         self.block_bytes = self.block_size * int(extra["kv_bytes_per_token"])
         self.tiers = {name: Tier(name, *spec) for name, spec in extra["tiers"].items()}
-        self.store = TierStore.sized(extra["cpu_bytes"], extra["disk_bytes"], self.block_bytes)
+        self.free = bool(extra.get("free", False))
+        cpu_bytes = math.inf if self.free else extra["cpu_bytes"]
+        self.store = TierStore.sized(cpu_bytes, extra["disk_bytes"], self.block_bytes)
         coeffs = extra.get("load_if_faster_than_prefill")
         self.load_cost = (
             None
@@ -98,7 +103,8 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
             return
         start, found = planned
         found = found[: num_external_tokens // self.block_size]
-        self._transfer_s += transfer_s(self.tiers, self.block_bytes, found)
+        if not self.free:
+            self._transfer_s += transfer_s(self.tiers, self.block_bytes, found)
         # Loaded blocks become the CPU tier's most recent (disk hits are promoted). A block
         # may have moved since the lookup (another request's promotion pushed it down).
         for key in request.block_hashes[start : start + len(found)]:

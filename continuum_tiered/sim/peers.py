@@ -9,6 +9,7 @@
 | ``static-ttl`` | program FCFS | pinned 2 s (Continuum's public code) |
 | ``continuum`` | program FCFS | pinned for the cost-model TTL (our connector) |
 | ``tiered`` | program FCFS | tier-priced TTL, saving-per-block order; tiers, cost-aware loads |
+| ``retention-bound`` | the best of the three orders above | kept off the GPU, back at no cost |
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
 
 ``tiered`` is ``policies/tiered.py`` over LMCache's CPU and disk tiers, configured with
@@ -16,9 +17,14 @@ layerwise loads (``use_layerwise``: ``serve --tiers ... --layerwise-loads`` on a
 overlap a reload with the forward pass, and loading a tier hit only where the transfer
 beats its prefill (``ContinuumTieredConnector`` does so by default).
 
-The oracle is the lower bound on what KV retention can buy: with memory for everything,
+The oracle is the lower bound on what KV memory can buy: with memory for everything,
 queue order still matters, so it runs each order (request FCFS, program FCFS, PLAS) and
-keeps the one with the lowest average JCT.
+keeps the one with the lowest average JCT. ``retention-bound`` is the bound on what a
+retention policy can buy on the deployment's real GPU pool: every turn's KV goes to an
+unbounded CPU tier that loads it back in no time, so a returning turn never recomputes or
+waits for a transfer, yet it is admitted by vLLM's scheduler into the same pool. Where
+it is far from the oracle, the gap is GPU memory for the requests running at once, which
+no decision about KV across tool calls changes.
 
 Autellix's priority is the program's attained service when the request arrives (vLLM
 fixes a request's priority on arrival): GPU seconds of the steps the program took part in.
@@ -54,7 +60,9 @@ class Peer:
     lmcache_write_through: bool = True  # False: only what the pin policy offloads is stored
     lmcache_layerwise: bool = False  # loads overlap the forward pass (use_layerwise)
     lmcache_cost_aware: bool = False  # a hit slower to load than to prefill is recomputed
+    lmcache_free: bool = False  # an unbounded CPU tier whose loads take no time
     unlimited_kv: bool = False
+    every_order: bool = False  # run each of QUEUE_ORDERS and keep the lowest average JCT
 
 
 PEERS: dict[str, Peer] = {
@@ -91,7 +99,8 @@ PEERS: dict[str, Peer] = {
             lmcache_layerwise=True,
             lmcache_cost_aware=True,
         ),
-        Peer("oracle", unlimited_kv=True),
+        Peer("retention-bound", lmcache=True, lmcache_free=True, every_order=True),
+        Peer("oracle", unlimited_kv=True, every_order=True),
     )
 }
 

@@ -84,6 +84,7 @@ def connector_config(peer: Peer, setup: ReplaySetup) -> dict[str, Any] | None:
             "tiers": tiers,
             "write_through": peer.lmcache_write_through,
             "layerwise": peer.lmcache_layerwise,
+            "free": peer.lmcache_free,
         }
         if peer.lmcache_cost_aware:
             extra["load_if_faster_than_prefill"] = list(profile.serving_prefill_coeffs)
@@ -130,7 +131,7 @@ def replay(
     jps: float,
     on_program_done=lambda: None,
 ) -> tuple[RunSummary, list[ProgramRun]]:
-    if peer.unlimited_kv:
+    if peer.every_order:
         return _best_order(peer, programs, setup, jps, on_program_done)
     return _replay_once(peer, programs, setup, jps, on_program_done)
 
@@ -138,7 +139,7 @@ def replay(
 def _best_order(
     peer: Peer, programs: list[TraceProgram], setup: ReplaySetup, jps: float, on_program_done
 ) -> tuple[RunSummary, list[ProgramRun]]:
-    """The oracle: each queue order with memory for everything; the lowest average JCT."""
+    """Each queue order with the peer's memory; the one with the lowest average JCT."""
     results = []
     for k, (policy, hooks) in enumerate(QUEUE_ORDERS):
         variant = replace(peer, scheduling_policy=policy, hooks=hooks)
