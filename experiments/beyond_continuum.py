@@ -152,6 +152,8 @@ def report_section(
 
 def plot(results: dict[Setting, list[RunSummary]], out: Path) -> None:
     plt = pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
     for ax, (setting, runs) in zip(axes[0], results.items(), strict=True):
         for policy in POLICIES:
@@ -166,17 +168,21 @@ def plot(results: dict[Setting, list[RunSummary]], out: Path) -> None:
     fig.savefig(out / "jct_vs_load.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for setting, runs in results.items():
+    # One colour per setting, one line style per policy.
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for color, (setting, runs) in enumerate(results.items()):
         oracle = {r.jps: r.avg_jct_s for r in runs if r.policy == "oracle"}
         for policy, style in ((OURS, "-o"), (RETENTION_BOUND, "--^"), ("continuum", ":x")):
             ratios = [r.avg_jct_s / oracle[r.jps] for r in runs if r.policy == policy]
-            ax.plot(range(1, 4), ratios, style, label=f"{setting.name} {policy}")
-    ax.axhline(1.10, color="grey", linestyle="--", label="1.10x oracle")
+            ax.plot(range(1, 4), ratios, style, color=f"C{color}", label=f"{setting.name} {policy}")
+    ax.axhline(1.10, color="grey", linestyle="-", linewidth=0.8, label="1.10x oracle")
     ax.set_xticks([1, 2, 3], ["light", "saturation", "heavier"])
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks([0.7, 1.0, 1.1, 1.5, 2, 3, 5])
     ax.set_ylabel("average JCT / oracle")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "ratio_to_oracle.png", dpi=120)
     plt.close(fig)
