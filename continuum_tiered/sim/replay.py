@@ -62,11 +62,11 @@ def unlimited_blocks(deployment: Deployment, programs: list[TraceProgram]) -> in
     return sum(per_program) + deployment.max_num_seqs
 
 
-def connector_config(peer: Peer, setup: ReplaySetup) -> dict[str, Any] | None:
+def connector_config(peer: Peer, setup: ReplaySetup, profile: TierProfile) -> dict[str, Any] | None:
     """The peer's KV connectors as a deployment would configure them."""
     configs: list[dict[str, Any]] = []
     if peer.lmcache:
-        d, profile = setup.deployment, setup.profile()
+        d = setup.deployment
         missing = [t for t in TIER_ORDER if t not in profile.tiers]
         if missing:
             raise ValueError(
@@ -106,7 +106,9 @@ def _kv(name: str, extra: dict[str, Any]) -> dict[str, Any]:
     return {"kv_connector": name, "kv_role": "kv_both", "kv_connector_extra_config": extra}
 
 
-def driver_config(peer: Peer, setup: ReplaySetup, programs: list[TraceProgram]) -> DriverConfig:
+def driver_config(
+    peer: Peer, setup: ReplaySetup, programs: list[TraceProgram], profile: TierProfile
+) -> DriverConfig:
     d = setup.deployment
     num_blocks = unlimited_blocks(d, programs) if peer.unlimited_kv else d.num_gpu_blocks()
     return DriverConfig(
@@ -117,7 +119,7 @@ def driver_config(peer: Peer, setup: ReplaySetup, programs: list[TraceProgram]) 
         max_num_batched_tokens=d.max_num_batched_tokens,
         max_num_seqs=d.max_num_seqs,
         scheduling_policy=peer.scheduling_policy,
-        kv_transfer_config=connector_config(peer, setup),
+        kv_transfer_config=connector_config(peer, setup, profile),
     )
 
 
@@ -157,12 +159,12 @@ def _replay_once(
     on_program_done,
 ) -> tuple[RunSummary, list[ProgramRun]]:
     register_lmcache_model()
-    cfg = driver_config(peer, setup, programs)
+    profile = setup.profile()
+    cfg = driver_config(peer, setup, programs, profile)
     key = repr(cfg)
     if key not in _VLLM_CONFIGS:  # building one takes seconds; loads reuse it
         _VLLM_CONFIGS[key] = build_vllm_config(cfg)
     driver = SchedulerDriver(cfg, _VLLM_CONFIGS[key])
-    profile = setup.profile()
     engine = VirtualEngine(
         driver,
         StepTimeModel.from_profile(profile, setup.deployment.hf_config()),
