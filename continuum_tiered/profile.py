@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from continuum_tiered.model_dims import attention_dims, config_name
+
 PROFILE_VERSION = 1
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 _DEFAULT_BY_DEVICE = {"cpu": "cpu-tiny-llama", "cuda": "h100-llama-3.1-8b"}
@@ -54,41 +56,18 @@ class ModelShape:
     def from_hf_config(
         cls, config: dict[str, object], dtype_bytes: int = 2, name: str | None = None
     ) -> ModelShape:
-        """Read the shape from a Hugging Face ``config.json`` (its ``text_config`` if nested)."""
-        text_config = config.get("text_config")
-        if "num_hidden_layers" not in config and isinstance(text_config, dict):
-            return cls.from_hf_config(text_config, dtype_bytes, name or _config_name(config))
-
-        def get_int(key: str) -> int:
-            if config.get(key) is None:
-                raise ProfileError(f"HF config is missing {key!r}")
-            return _positive_int(config[key], f"HF config {key}")
-
-        num_heads = get_int("num_attention_heads")
-        if config.get("head_dim") is not None:
-            head_dim = get_int("head_dim")
-        else:
-            head_dim = get_int("hidden_size") // num_heads
-        kv_heads = (
-            get_int("num_key_value_heads")
-            if config.get("num_key_value_heads") is not None
-            else num_heads
-        )
+        """Read the shape from a Hugging Face ``config.json`` (its ``text_config`` if nested),
+        under any family's field names (:mod:`continuum_tiered.model_dims`); a field that no
+        name is found for is assumed, with a warning naming it and the value."""
+        name = name or config_name(config)
+        dims = attention_dims(config, name)
         return cls(
-            name=name or _config_name(config),
-            num_layers=get_int("num_hidden_layers"),
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
+            name=name,
+            num_layers=dims.num_layers,
+            num_kv_heads=dims.num_kv_heads,
+            head_dim=dims.head_dim,
             dtype_bytes=_positive_int(dtype_bytes, "dtype_bytes"),
         )
-
-
-def _config_name(config: dict[str, object]) -> str:
-    for key in ("_name_or_path", "model_type"):
-        value = config.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return "unknown"
 
 
 def prefill_increment(coeffs: tuple[float, float, float], offset: int, n: int) -> float:

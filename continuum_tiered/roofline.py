@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from continuum_tiered.model_dims import ModelDims, attention_dims, model_dims
 from continuum_tiered.profile import PROFILE_VERSION, ModelShape, Tier, TierProfile
 
 
@@ -42,24 +43,41 @@ ROOFLINES = {
 
 
 def parameter_count(hf_config: dict) -> int:
-    """Parameters of a Llama-style decoder from its config (embeddings included)."""
-    hidden = hf_config["hidden_size"]
-    heads = hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hidden // heads
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    inter = hf_config["intermediate_size"]
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * hidden * inter
-    embeddings = (
-        hf_config["vocab_size"] * hidden * (1 if hf_config.get("tie_word_embeddings") else 2)
-    )
-    return hf_config["num_hidden_layers"] * (attention + mlp) + embeddings
+    """Parameters of a decoder from its config (embeddings included, every expert of a
+    mixture of experts), under any family's field names (:mod:`continuum_tiered.model_dims`)."""
+    return _parameters(model_dims(hf_config), active_only=False)
+
+
+def active_parameter_count(hf_config: dict) -> int:
+    """Parameters one token's forward pass multiplies by: a mixture of experts counts only
+    the experts a token is routed to (a dense model: :func:`parameter_count`)."""
+    return _parameters(model_dims(hf_config), active_only=True)
+
+
+def _parameters(dims: ModelDims, active_only: bool) -> int:
+    att = dims.attention
+    hidden = att.hidden_size
+    # Q and O over all heads, K and V over the KV heads.
+    attention = hidden * att.head_dim * (2 * att.num_heads + 2 * att.num_kv_heads)
+    mlp_matrices = 3 if dims.gated_mlp else 2
+    if dims.num_experts:
+        experts = dims.experts_per_token if active_only else dims.num_experts
+        mlp = mlp_matrices * hidden * dims.intermediate_size * experts
+        mlp += mlp_matrices * hidden * dims.shared_expert_intermediate_size
+        mlp += hidden * dims.num_experts  # the router
+    else:
+        mlp = mlp_matrices * hidden * dims.intermediate_size
+    embeddings = dims.vocab_size * hidden * (1 if dims.tie_word_embeddings else 2)
+    return att.num_layers * (attention + mlp) + embeddings
 
 
 def estimated_profile(hf_config: dict, shape: ModelShape, device: str) -> TierProfile:
+    """A profile from the roofline of ``device``. Any config works: a field the model's
+    family does not name as Llama does is read under its own name, or assumed with a
+    warning (:mod:`continuum_tiered.model_dims`)."""
     roof = ROOFLINES[device]
-    heads = hf_config["num_attention_heads"]
-    linear = 2 * parameter_count(hf_config) / roof.effective_flops
+    heads = attention_dims(hf_config, shape.name).num_heads
+    linear = 2 * active_parameter_count(hf_config) / roof.effective_flops
     quadratic = 2 * shape.num_layers * heads * shape.head_dim / roof.effective_flops
     return TierProfile(
         version=PROFILE_VERSION,

@@ -58,12 +58,16 @@ def test_from_hf_config() -> None:
     assert ModelShape.from_hf_config(nested).num_kv_heads == 8
 
 
-@pytest.mark.parametrize("key", ["num_hidden_layers", "num_attention_heads", "hidden_size"])
-def test_from_hf_config_names_missing_key(key: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "assumed"),
+    [("num_hidden_layers", "num_hidden_layers = 32"), ("hidden_size", "hidden_size = 4096")],
+)
+def test_from_hf_config_assumes_a_missing_key_and_warns_naming_it(key, assumed, caplog) -> None:
     config = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128}
     del config[key]
-    with pytest.raises(ProfileError, match=key):
-        ModelShape.from_hf_config(config)
+    shape = ModelShape.from_hf_config(config, name=f"no-{key}")
+    assert assumed in caplog.text and f"no-{key}" in caplog.text
+    assert shape.num_layers == (32 if key == "num_hidden_layers" else 2)
 
 
 def test_costs() -> None:
