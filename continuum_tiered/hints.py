@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 HINTS_KEY = "continuum"
 MAX_PROGRAM_ID_LEN = 256
+MAX_TURN = 2**31 - 1  # turns beyond a signed 32-bit integer are no agent's
 TOOL_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 _FIELDS = ("program_id", "turn", "last_turn", "tool")
@@ -72,15 +73,20 @@ def parse_hints(kv_transfer_params: object) -> ProgramHints | None:
         )
 
     program_id = body.get("program_id")
-    if not isinstance(program_id, str) or not 1 <= len(program_id) <= MAX_PROGRAM_ID_LEN:
+    if (
+        not isinstance(program_id, str)
+        or not 1 <= len(program_id) <= MAX_PROGRAM_ID_LEN
+        or not _is_unicode(program_id)
+    ):
         raise HintError(
             f"{HINTS_KEY}.program_id",
             program_id,
-            f"a non-empty string of at most {MAX_PROGRAM_ID_LEN} characters",
+            f"a non-empty string of at most {MAX_PROGRAM_ID_LEN} Unicode characters "
+            "(no lone surrogates)",
         )
     turn = body.get("turn")
-    if isinstance(turn, bool) or not isinstance(turn, int) or turn < 0:
-        raise HintError(f"{HINTS_KEY}.turn", turn, "an integer >= 0")
+    if isinstance(turn, bool) or not isinstance(turn, int) or not 0 <= turn <= MAX_TURN:
+        raise HintError(f"{HINTS_KEY}.turn", turn, f"an integer >= 0 and <= {MAX_TURN}")
     last_turn = body.get("last_turn", False)
     if not isinstance(last_turn, bool):
         raise HintError(f"{HINTS_KEY}.last_turn", last_turn, "true or false")
@@ -88,6 +94,16 @@ def parse_hints(kv_transfer_params: object) -> ProgramHints | None:
     if tool is not None and not (isinstance(tool, str) and TOOL_RE.fullmatch(tool)):
         raise HintError(f"{HINTS_KEY}.tool", tool, f"null or a string matching {TOOL_RE.pattern}")
     return ProgramHints(program_id, turn, last_turn, tool)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: JSON's ``"\\ud800"`` escapes decode to lone
+    surrogates, which no log line, metric label or message encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def tool_from_reply(text: str) -> str | None:

@@ -1,8 +1,18 @@
-"""ASGI middleware for ``vllm serve --middleware``: reject malformed hints with HTTP 400.
+"""ASGI middlewares for ``vllm serve --middleware``: hostile bodies and malformed hints get
+HTTP 400, and (optionally) program ids are scoped per API key.
 
-Without it, malformed hints reach the engine, where the connector logs and ignores them;
-with it, the client learns which field is wrong. It is plain ASGI (no vLLM import) so it
-wraps any OpenAI-compatible app, and it buffers only POST bodies under ``/v1/``.
+- :class:`HintValidationMiddleware`: a body nested too deep or with a non-JSON number, and
+  malformed hints, get HTTP 400 naming the problem (:mod:`continuum_tiered.request_body`).
+  Without it, malformed hints reach the engine, where the connector logs and ignores them.
+- :class:`ProgramScopeMiddleware`: the same, and each hint's ``program_id`` is rewritten
+  into the scope of the request's API key (:mod:`continuum_tiered.tenancy`), so that no
+  client can end or take over another key's program. ``continuum-tiered serve
+  --scope-programs api-key`` passes this one.
+
+Both are plain ASGI (no vLLM import), so they wrap any OpenAI-compatible app. They buffer
+the bodies of POST, PUT and PATCH requests on every path (vLLM takes hints on several:
+``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses``, ``/inference/v1/generate``
+...); bodies that are not JSON objects go on untouched, for the app to answer.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from continuum_tiered.hints import HintError, parse_hints
+from continuum_tiered.request_body import BodyError, bad_request_body, load_json_object
+from continuum_tiered.tenancy import api_key_scope, scope_hints
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -19,21 +31,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-
-def hint_error_of(body: bytes) -> HintError | None:
-    """The hint error in a JSON request body, if any. Bodies that are not JSON objects
-    are left for the server to reject in its own words."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(payload, dict):
-        return None
-    try:
-        parse_hints(payload.get("kv_transfer_params"))
-    except HintError as err:
-        return err
-    return None
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class HintValidationMiddleware:
@@ -41,18 +39,43 @@ class HintValidationMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"].startswith("/v1/")
-        ):
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        if (error := hint_error_of(body)) is not None:
+        try:
+            payload = load_json_object(body)
+            if payload is not None:
+                parse_hints(payload.get("kv_transfer_params"))
+        except (BodyError, HintError) as error:
             await _send_bad_request(send, error)
             return
+        if payload is not None:
+            scope, body = self.rewrite(scope, payload, body)
         await self.app(scope, _replay(body, receive), send)
+
+    def rewrite(self, scope: Scope, payload: dict[str, object], body: bytes) -> tuple[Scope, bytes]:
+        """The request to pass on, given its checked JSON object; as it came here."""
+        return scope, body
+
+
+class ProgramScopeMiddleware(HintValidationMiddleware):
+    """:class:`HintValidationMiddleware` that also scopes program ids per API key."""
+
+    def rewrite(self, scope: Scope, payload: dict[str, object], body: bytes) -> tuple[Scope, bytes]:
+        if not scope_hints(payload, api_key_scope(_header(scope, b"authorization"))):
+            return scope, body
+        body = json.dumps(payload).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        return {**scope, "headers": headers}, body
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -81,20 +104,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _send_bad_request(send: Send, error: HintError) -> None:
-    param = error.field
-    if not param.startswith("kv_transfer_params"):
-        param = f"kv_transfer_params.{param}"
-    payload = json.dumps(
-        {
-            "error": {
-                "message": f"invalid kv_transfer_params: {error}",
-                "type": "BadRequestError",
-                "param": param,
-                "code": 400,
-            }
-        }
-    ).encode()
+async def _send_bad_request(send: Send, error: BodyError | HintError) -> None:
+    payload = bad_request_body(error)
     await send(
         {
             "type": "http.response.start",
