@@ -4,8 +4,9 @@ A pin is one reference per block, taken with ``BlockPool.touch`` and given back 
 ``BlockPool.free_blocks`` (DESIGN.md section 3). While pinned, the blocks stay out of the
 free queue and their hashes stay in the prefix-cache map, so the program's next turn gets
 an ordinary prefix hit. This module holds the bookkeeping and nothing vLLM-specific: the
-pool is anything with ``touch``, ``free_blocks`` and ``get_num_free_blocks``, which keeps
-it testable without an engine. All calls must come from the scheduler thread.
+pool is anything with ``touch``, ``free_blocks`` and ``get_num_free_blocks`` whose blocks
+carry a ``ref_cnt``, which keeps it testable without an engine. All calls must come from
+the scheduler thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import heapq
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +28,9 @@ class BlockPoolLike(Protocol):
 
     def get_num_free_blocks(self) -> int: ...
 
+    @property
+    def num_gpu_blocks(self) -> int: ...
+
 
 class ReleaseReason(enum.Enum):
     HANDED_OVER = "handed_over"  # the program's next turn was allocated
@@ -33,6 +38,7 @@ class ReleaseReason(enum.Enum):
     PRESSURE = "pressure"  # another request needed the memory
     REPLACED = "replaced"  # the program finished another turn and pinned that one
     PROGRAM_ENDED = "program_ended"
+    CACHE_RESET = "cache_reset"  # the prefix cache was reset (weights changed, sleep, ...)
     SHUTDOWN = "shutdown"
 
 
@@ -138,24 +144,66 @@ class PinTable:
                 self.release(program_id, ReleaseReason.EXPIRED)
         return released
 
-    def release_for(self, free_blocks_needed: int, spare: str | None = None) -> list[Pin]:
-        """Release pins in pressure order until the pool has ``free_blocks_needed`` free.
+    def release_for(
+        self,
+        shortfall: Callable[[], int],
+        *,
+        keep: AbstractSet[int] = frozenset(),
+        first: str | None = None,
+        all_or_nothing: bool = False,
+    ) -> list[Pin]:
+        """Release pins in pressure order while ``shortfall()`` (blocks still missing,
+        read from the pool after each release) is positive.
 
-        ``spare`` names a program whose pin must survive (the requester's own prefix).
-        Pins are released whole: a partial pin would keep a prefix with a hole in it,
-        which no later turn could hit past the hole.
+        Only pins that can lower it are released: a block comes back to the pool only
+        once nothing but pins holds it, and blocks in ``keep`` (the requester's own prefix
+        hit, which its allocation takes straight back) never help. ``first`` names a
+        program whose pin goes first (the requester's own pin beyond its hit is waste).
+        With ``all_or_nothing`` nothing is released unless releasing every pin that can
+        help would end the shortfall: a request that cannot fit anyway must not flush
+        every pin on each step. Pins are released whole: a partial pin would keep a
+        prefix with a hole in it, which no later turn could hit past the hole.
         """
+        if shortfall() <= 0 or not self._pins:
+            return []
+        candidates = sorted(self._pins.values(), key=self._pressure_order)
+        if first is not None and (own := self._pins.get(first)) is not None:
+            candidates.remove(own)
+            candidates.insert(0, own)
+        holders = Counter(id(b) for pin in candidates for b in pin.blocks)
+        if all_or_nothing and shortfall() > self._freeable(candidates, holders, keep):
+            return []
         released: list[Pin] = []
-        candidates = sorted(
-            (p for p in self._pins.values() if p.program_id != spare), key=self._pressure_order
-        )
         for pin in candidates:
-            if self._pool.get_num_free_blocks() >= free_blocks_needed:
+            if shortfall() <= 0:
                 break
-            self.release(pin.program_id, ReleaseReason.PRESSURE)
-            released.append(pin)
+            if self._freeable([pin], holders, keep):
+                self.release(pin.program_id, ReleaseReason.PRESSURE)
+                released.append(pin)
+            holders.subtract(id(b) for b in pin.blocks)
         return released
 
-    def release_all(self, reason: ReleaseReason) -> None:
-        for program_id in list(self._pins):
-            self.release(program_id, reason)
+    def release_until_free(self, free_blocks: int) -> list[Pin]:
+        """Release pins in pressure order until the pool has ``free_blocks`` free."""
+        return self.release_for(lambda: free_blocks - self._pool.get_num_free_blocks())
+
+    @staticmethod
+    def _freeable(pins: Sequence[Pin], holders: Counter[int], keep: AbstractSet[int]) -> int:
+        """Distinct blocks of ``pins``, not in ``keep``, that only pins hold (``holders``
+        counts the pins holding each block): what releasing those pins can free."""
+        blocks = {id(b): b for pin in pins for b in pin.blocks if id(b) not in keep}
+        return sum(1 for key, b in blocks.items() if b.ref_cnt <= holders[key])  # type: ignore[attr-defined]
+
+    def holds_every_used_block(self) -> bool:
+        """Whether releasing every pin would leave no block in use (but the null block):
+        then a prefix-cache reset, which vLLM refuses while any block is held, succeeds."""
+        pins = list(self._pins.values())
+        holders = Counter(id(b) for pin in pins for b in pin.blocks)
+        freeable = self._freeable(pins, holders, frozenset())
+        return self._pool.get_num_free_blocks() + freeable == self._pool.num_gpu_blocks - 1
+
+    def release_all(self, reason: ReleaseReason) -> list[Pin]:
+        pins = list(self._pins.values())
+        for pin in pins:
+            self.release(pin.program_id, reason)
+        return pins

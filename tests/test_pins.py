@@ -57,18 +57,65 @@ def test_replacing_a_pin_keeps_shared_blocks_referenced(pool):
     assert table.get("A") is extended
 
 
-def test_pressure_releases_latest_program_first_and_spares_the_requester(pool):
+def test_pressure_releases_latest_program_first(pool):
     table = PinTable(pool)
     for seq, program in enumerate("ABC"):
         table.pin(make_pin(pool, program, seq, 8, deadline=100.0))
     assert pool.get_num_free_blocks() == 31 - 24
-    released = table.release_for(15, spare="C")
-    assert [p.program_id for p in released] == ["B"]
+    released = table.release_until_free(15)
+    assert [p.program_id for p in released] == ["C"]
     assert pool.get_num_free_blocks() == 15
-    released = table.release_for(20, spare="C")
+    assert [p.program_id for p in table.release_until_free(16)] == ["B"]
+    assert table.releases[ReleaseReason.PRESSURE] == 2
+
+
+def test_pressure_takes_the_named_pin_first(pool):
+    table = PinTable(pool)
+    for seq, program in enumerate("ABC"):
+        table.pin(make_pin(pool, program, seq, 8, deadline=100.0))
+    released = table.release_for(lambda: 8 - pool.get_num_free_blocks(), first="A")
     assert [p.program_id for p in released] == ["A"]
-    assert table.release_for(31, spare="C") == []  # the spared pin is never taken
-    assert table.get("C") is not None
+
+
+def test_pressure_never_releases_a_pin_that_frees_nothing(pool):
+    """B's blocks are all shared with a running request (a second reference), and A's are
+    the requester's own hit (``keep``): releasing either would free no block to allocate."""
+    table = PinTable(pool)
+    a = make_pin(pool, "A", 0, 4, deadline=100.0)
+    table.pin(a)
+    b = make_pin(pool, "B", 1, 4, deadline=100.0)
+    table.pin(b)
+    pool.touch(b.blocks)  # a running request holds them too
+    hit = frozenset(id(x) for x in a.blocks)
+    assert table.release_for(lambda: 1, keep=hit) == []
+    assert len(table) == 2
+    pool.free_blocks(b.blocks)
+    assert [p.program_id for p in table.release_for(lambda: 1, keep=hit)] == ["B"]
+
+
+def test_blocks_shared_by_two_pins_come_back_once_both_go(pool):
+    table = PinTable(pool)
+    shared = make_pin(pool, "A", 0, 4, deadline=100.0)
+    table.pin(shared)
+    table.pin(Pin("B", 1, list(shared.blocks), 0.0, 100.0, "grep", 128))
+    free = pool.get_num_free_blocks()
+    released = table.release_until_free(free + 4)
+    assert {p.program_id for p in released} == {"A", "B"}
+    assert pool.get_num_free_blocks() == free + 4
+
+
+def test_all_or_nothing_keeps_every_pin_when_they_cannot_make_room(pool):
+    table = PinTable(pool)
+    for seq, program in enumerate("ABC"):
+        table.pin(make_pin(pool, program, seq, 8, deadline=100.0))
+    free = pool.get_num_free_blocks()  # 7 free, 24 pinned
+
+    def short_of(target: int):
+        return lambda: target - pool.get_num_free_blocks()
+
+    assert table.release_for(short_of(free + 25), all_or_nothing=True) == []
+    assert len(table) == 3
+    assert len(table.release_for(short_of(free + 24), all_or_nothing=True)) == 3
 
 
 def test_deadline_heap_stays_bounded_under_churn(pool):

@@ -15,6 +15,7 @@ from continuum_tiered.policies import (
     TurnEnd,
     make_policy,
 )
+from continuum_tiered.policies.infercept import InferCeptPolicy
 from continuum_tiered.profile import PROFILE_VERSION, ModelShape, Tier, TierProfile
 from continuum_tiered.ttl import TTLDecision
 
@@ -234,9 +235,9 @@ def test_pressure_releases_the_least_saving_per_block_first(pool: BlockPool) -> 
     table.pin(Pin("C", 2, _blocks(pool, 8), 0.3, 0.756, "pytest", 256, 10.0))
     now[0] = 0.45  # A's program has been away 0.45 s: few short samples left
     free = pool.get_num_free_blocks()
-    released = table.release_for(free + 20)
+    released = table.release_until_free(free + 20)
     assert [p.program_id for p in released] == ["A"]
-    released = table.release_for(free + 21)
+    released = table.release_until_free(free + 21)
     assert [p.program_id for p in released] == ["C"]
     assert table.get("B") is not None
 
@@ -245,3 +246,11 @@ def test_pressure_releases_the_least_saving_per_block_first(pool: BlockPool) -> 
         ["A", "B", "C"],
         key=lambda p: continuum.pressure_key(Pin(p, "ABC".index(p), [], 0.0, 1.0, None, 0), 0.0),
     ) == ["C", "B", "A"]
+
+
+def test_per_tool_state_is_bounded_under_unique_tool_names() -> None:
+    for policy in (InferCeptPolicy(PROFILE, max_tools=8), ContinuumPolicy(PROFILE, max_tools=8)):
+        for i in range(10_000):
+            policy.observe_tool_duration(f"tool{i}", 0.5)
+        per_tool = getattr(policy, "_by_tool", None) or policy.tool_durations._tools
+        assert len(per_tool) == 8

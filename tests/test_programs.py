@@ -102,3 +102,35 @@ def test_iteration_tolerates_ending_programs() -> None:
 def test_invalid_bound() -> None:
     with pytest.raises(ValueError, match="max_programs"):
         ProgramTable(max_programs=0)
+
+
+def test_aborted_request_leaves_the_program_idle_and_evictable() -> None:
+    table = ProgramTable(max_programs=2)
+    table.arrive("a", 0.0)
+    table.request_dropped("a")  # aborted: the program runs nothing any more
+    assert table.get("a").state is ProgramState.IDLE
+    table.arrive("b", 1.0)
+    table.arrive("c", 2.0)  # a is the least recently active program not running
+    assert {p.program_id for p in table} == {"b", "c"}
+
+
+def test_a_program_runs_while_any_of_its_requests_does() -> None:
+    table = ProgramTable()
+    table.arrive("p", 0.0)
+    table.arrive("p", 0.1)  # two requests in flight (parallel calls)
+    table.turn_finished("p", 1.0, "ls", 10, pinned=False)
+    assert table.get("p").state is ProgramState.RUNNING
+    table.request_dropped("p")
+    assert table.get("p").state is ProgramState.IDLE
+
+
+def test_a_million_abandoned_program_ids_stay_bounded() -> None:
+    """Clients that abort every request and never send ``last_turn``: eviction is O(1)
+    per new program (it scanned every running program), and the table keeps its bound."""
+    table = ProgramTable(max_programs=1000)
+    for i in range(1_000_000):
+        pid = str(i)
+        table.arrive(pid, float(i))
+        table.request_dropped(pid)
+    assert len(table) == 1000
+    assert table.get("999999") is not None and table.get("0") is None

@@ -5,12 +5,20 @@ It moves no KV. It only holds extra references on a finished turn's blocks (see
 back when the next turn is allocated, when the TTL expires, or when memory is needed:
 
 - ``request_finished``: ask the retention policy for a TTL and pin the turn's full blocks.
-- ``get_num_new_matched_tokens``: before a waiting request is allocated, release other
-  programs' pins until its prompt fits, so a pin never blocks admission.
-- ``has_pending_block_frees``: when a running request cannot grow, release pins instead
-  of letting vLLM preempt a running request.
+- ``get_num_new_matched_tokens``: before a waiting request is allocated, release pins
+  until its first chunk fits (``connectors.demand`` has vLLM's arithmetic), so a pin never
+  blocks admission: the requester's own pin too, where its next prompt diverged from it.
+  Nothing is released when even every pin would not make room.
+- ``build_connector_meta`` (end of each step): expire pins past their deadline, and
+  release pins until the running batch's next step fits, so vLLM never has to preempt a
+  running request while a pin could give way.
+- ``has_pending_block_frees``: the fallback when that estimate fell short and a running
+  request cannot grow: release pins, and hold new admissions for the rest of the step so
+  the freed blocks go to the running requests in the next one, not to newcomers.
 - ``update_state_after_alloc``: the next turn holds its own references; drop the pin.
-- ``build_connector_meta`` (once per step): expire pins past their deadline.
+- a prefix-cache reset (``reset_prefix_cache``, sleep, ``pause_scheduler(clear_cache)``)
+  drops every pin first: vLLM refuses to reset while any block is held and gives
+  connectors no hook before it, so ``bind_gpu_block_pool`` wraps the pool's reset.
 
 Every hook runs on the scheduler thread; the worker-side half is a no-op.
 """
@@ -29,9 +37,10 @@ from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
 
 from continuum_tiered.connectors.config import ConnectorOptions
+from continuum_tiered.connectors.demand import BlockDemand
 from continuum_tiered.connectors.reply_tools import ReplyToolParser
 from continuum_tiered.connectors.scheduler_only import SchedulerOnlyConnector
-from continuum_tiered.connectors.stats import ContinuumPromMetrics, ContinuumStats
+from continuum_tiered.connectors.stats import ContinuumPromMetrics, ContinuumStats, ToolLabels
 from continuum_tiered.hints import HintError, ProgramHints, parse_hints
 from continuum_tiered.pins import Pin, PinTable, ReleaseReason
 from continuum_tiered.policies.base import TurnEnd
@@ -40,7 +49,7 @@ from continuum_tiered.programs import ProgramTable
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
@@ -72,10 +81,14 @@ class ContinuumConnector(SchedulerOnlyConnector):
         self.block_size = vllm_config.cache_config.block_size
         self.programs = ProgramTable()
         self._pins: PinTable | None = None
+        self._demand = BlockDemand(vllm_config, self.block_size)
         self._tool_parser = ReplyToolParser(vllm_config.model_config)
+        self._requests: dict[str, Request] = {}  # every live request, hinted or not
         self._hints: dict[str, ProgramHints] = {}  # live requests that carry hints
         self._unallocated: dict[str, str] = {}  # request id -> program id, not yet admitted
         self._waiting_per_program: dict[str, int] = {}
+        self._admissions_held = False  # a running request starved this step
+        self._tool_labels = ToolLabels()
         self._tool_ttls: dict[str, float] = {}
         self._counters = dict.fromkeys(
             ("pinned_prefix_hit_tokens", "hints_rejected", "pin_handovers"), 0
@@ -88,11 +101,26 @@ class ContinuumConnector(SchedulerOnlyConnector):
 
     # ------------------------------------------------------------------ binding
 
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self._role == KVConnectorRole.SCHEDULER:
+            self._demand.manager = kv_cache_manager
+
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
         self._block_pool = gpu_block_pool
         self._pins = PinTable(
             gpu_block_pool, lambda pin: self.policy.pressure_key(pin, self.clock())
         )
+        reset = gpu_block_pool.reset_prefix_cache
+
+        def reset_without_pins() -> bool:
+            # Only when the pins are all that stands in the way: a reset that fails
+            # anyway (running requests hold blocks) must not cost every pin.
+            if len(self.pins) and self.pins.holds_every_used_block():
+                self._release_all(ReleaseReason.CACHE_RESET)
+            return reset()
+
+        gpu_block_pool.reset_prefix_cache = reset_without_pins  # type: ignore[method-assign]
 
     @property
     def pins(self) -> PinTable:
@@ -103,6 +131,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
     # ------------------------------------------------------------- request flow
 
     def on_new_request(self, request: Request) -> None:
+        self._requests[request.request_id] = request
         hints = self._hints_of(request)
         if hints is None:
             return
@@ -117,12 +146,22 @@ class ContinuumConnector(SchedulerOnlyConnector):
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
-    ) -> tuple[int, bool]:
+    ) -> tuple[int | None, bool]:
+        """Make room for ``request`` (``num_computed_tokens``: its local prefix hit)."""
+        if self._admissions_held:
+            return None, False  # vLLM skips it this step: the blocks are the running batch's
+        free = self._block_pool.get_num_free_blocks
+        if free() >= self._demand.admission_upper_bound(request) or not len(self.pins):
+            return 0, False
+        self._expire()
+        admission = self._demand.admission(request, num_computed_tokens)
         hints = self._hints.get(request.request_id)
-        own = self.pins.get(hints.program_id) if hints else None
-        needed = -(-request.num_tokens // self.block_size) - (own.num_blocks if own else 0)
-        if self._block_pool.get_num_free_blocks() < needed:
-            self.pins.release_for(needed, spare=own.program_id if own else None)
+        self.pins.release_for(
+            lambda: admission.shortfall(free()),
+            keep=admission.keep,
+            first=hints.program_id if hints else None,
+            all_or_nothing=True,
+        )
         return 0, False
 
     def update_state_after_alloc(
@@ -147,6 +186,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
         hints = self._hints.pop(request.request_id, None)
         if hints is None:
             return False, None
@@ -154,6 +194,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
             self._count_waiting(hints.program_id, -1)
         now = self.clock()
         if request.status not in _PINNABLE:
+            self.programs.request_dropped(hints.program_id)
             return False, None
         if hints.last_turn:
             self._end_program(hints.program_id)
@@ -169,7 +210,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
                 tier=self.residency(request),
             )
         )
-        self._tool_ttls[tool or "*"] = decision.ttl_s
+        self._tool_ttls[self._tool_labels.label(tool)] = decision.ttl_s
         if decision.offload:
             self.offload(request)
         blocks = self._full_cached_blocks(block_ids, request.num_computed_tokens)
@@ -195,17 +236,24 @@ class ContinuumConnector(SchedulerOnlyConnector):
         return False, None
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        for pin in self.pins.expire(self.clock(), self._has_waiting_request):
-            self.programs.mark_evicted(pin.program_id)
+        self._admissions_held = False
+        self._expire()
+        if len(self.pins):
+            self._make_room_for_next_step(scheduler_output.num_scheduled_tokens)
         return super().build_connector_meta(scheduler_output)
 
     def has_pending_block_frees(self) -> bool:
-        """A running request cannot grow: free pins rather than preempt a running request."""
-        return bool(self.pins.release_for(self.options.pressure_reserve_blocks))
+        """A running request cannot grow though the step's estimate said it would: free
+        pins, and tell vLLM to stop scheduling running requests this step instead of
+        preempting one (it reads True as "blocks are on their way")."""
+        self._expire()
+        released = self.pins.release_until_free(self.options.pressure_reserve_blocks)
+        self._admissions_held |= bool(released)
+        return bool(released)
 
     def shutdown(self) -> None:
         if self._role == KVConnectorRole.SCHEDULER and self._pins is not None:
-            self._pins.release_all(ReleaseReason.SHUTDOWN)
+            self._release_all(ReleaseReason.SHUTDOWN)
 
     # ------------------------------------------------------------------- stats
 
@@ -257,6 +305,28 @@ class ContinuumConnector(SchedulerOnlyConnector):
             self._counters["hints_rejected"] += 1
             logger.warning("request %s: ignoring its hints: %s", request.request_id, err)
             return None
+
+    def _expire(self) -> None:
+        """Release pins past their deadline whose program has nothing waiting; run before
+        any pressure release too, so an overdue pin never outlives a step."""
+        for pin in self.pins.expire(self.clock(), self._has_waiting_request):
+            self.programs.mark_evicted(pin.program_id)
+
+    def _release_all(self, reason: ReleaseReason) -> None:
+        for pin in self.pins.release_all(reason):
+            self.programs.mark_evicted(pin.program_id)
+
+    def _make_room_for_next_step(self, num_scheduled_tokens: dict[str, int]) -> None:
+        """Release pins until the requests scheduled in this step can all grow in the
+        next one; each released pin is one preemption vLLM does not make."""
+        needed = sum(
+            self._demand.next_step_blocks(request, tokens)
+            for rid, tokens in num_scheduled_tokens.items()
+            if (request := self._requests.get(rid)) is not None
+        )
+        free = self._block_pool.get_num_free_blocks
+        if needed > free():
+            self.pins.release_for(lambda: needed - free())
 
     def _count_waiting(self, program_id: str, delta: int) -> None:
         count = self._waiting_per_program.get(program_id, 0) + delta

@@ -45,6 +45,29 @@ GAUGES = ("active_pins", "pinned_blocks")
 TOOL_TTLS = "tool_ttl_s"
 
 
+class ToolLabels:
+    """Tool names as metric labels, bounded: each label is a Prometheus series for the
+    server's lifetime, and tool names come from clients and model output. The first
+    ``max_labels`` names keep their own; later ones share ``OTHER``."""
+
+    NO_TOOL = "*"
+    OTHER = "other"
+
+    def __init__(self, max_labels: int = 64) -> None:
+        self.max_labels = max_labels
+        self._known: set[str] = set()
+
+    def label(self, tool: str | None) -> str:
+        if tool is None:
+            return self.NO_TOOL
+        if tool in self._known:
+            return tool
+        if len(self._known) < self.max_labels:
+            self._known.add(tool)
+            return tool
+        return self.OTHER
+
+
 @dataclass
 class ContinuumStats(KVConnectorStats):
     data: dict[str, Any] = field(default_factory=dict)

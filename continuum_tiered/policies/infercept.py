@@ -31,11 +31,13 @@ class InferCeptPolicy(RetentionPolicy):
         preserve_ttl_s: float = 3600.0,
         default_duration_s: float = 1.0,
         window: int = 256,
+        max_tools: int = 256,
     ) -> None:
         self.profile = profile
         self.preserve_ttl_s = preserve_ttl_s
         self.default_duration_s = default_duration_s
         self._window = window
+        self._max_tools = max_tools  # tool names come from clients: bound what they cost
         self._by_tool: dict[str, SlidingMean] = {}
         self._all = SlidingMean(window)
 
@@ -60,5 +62,8 @@ class InferCeptPolicy(RetentionPolicy):
 
     def observe_tool_duration(self, tool: str | None, duration_s: float) -> None:
         self._all.add(duration_s)
-        if tool is not None:
-            self._by_tool.setdefault(tool, SlidingMean(self._window)).add(duration_s)
+        mean = self._by_tool.get(tool) if tool is not None else None
+        if mean is None and tool is not None and len(self._by_tool) < self._max_tools:
+            mean = self._by_tool[tool] = SlidingMean(self._window)
+        if mean is not None:
+            mean.add(duration_s)

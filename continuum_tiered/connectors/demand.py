@@ -1,0 +1,107 @@
+"""How many KV blocks vLLM's scheduler is about to ask the pool for, so pins give way first.
+
+Pins are invisible to vLLM: a waiting request that does not fit stops admission, and a
+running request that cannot grow gets another one preempted. The connector therefore
+frees pins *before* vLLM allocates, and needs vLLM's own arithmetic to know how many:
+
+- admission (``KVCacheManager.allocate_slots``): the blocks for the request's first chunk
+  beyond its local prefix hit, plus every hit block that sits in the free queue (the
+  allocation takes it out), plus the watermark vLLM keeps back for waiting requests;
+- the running batch's next step: each scheduled request's blocks for the tokens it will
+  compute next (one decode token, or its next prefill chunk), plus lookahead slots.
+
+Both are upper bounds where vLLM's own number depends on the step's remaining token
+budget, which a connector cannot see. Async KV loads (which vLLM admits against a further
+reservation) are not counted: our connectors load synchronously.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.request import Request
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What admitting one waiting request takes from the pool this step."""
+
+    new_blocks: int  # blocks to allocate beyond the hit, watermark included
+    hit_blocks: list[Any]  # the local prefix hit the allocation will adopt
+
+    @property
+    def keep(self) -> frozenset[int]:
+        """Hit blocks: freeing one of them frees nothing, the allocation takes it back."""
+        return frozenset(id(b) for b in self.hit_blocks)
+
+    def shortfall(self, free_blocks: int) -> int:
+        """Blocks still missing; a hit block in the free queue counts against the free."""
+        evictable_hits = sum(1 for b in self.hit_blocks if b.ref_cnt == 0)
+        return self.new_blocks + evictable_hits - free_blocks
+
+
+class BlockDemand:
+    def __init__(self, vllm_config: VllmConfig, block_size: int) -> None:
+        sched = vllm_config.scheduler_config
+        self.block_size = block_size
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.lookahead = vllm_config.num_lookahead_tokens
+        self.max_chunk = sched.max_num_batched_tokens
+        # Without chunked prefill (or when vLLM reserves the whole prompt up front), the
+        # first allocation covers the whole prompt.
+        self.whole_prompt = not sched.enable_chunked_prefill or bool(
+            getattr(sched, "scheduler_reserve_full_isl", False)
+        )
+        self.manager: KVCacheManager | None = None
+
+    @property
+    def watermark_blocks(self) -> int:
+        return getattr(self.manager, "watermark_blocks", 0) if self.manager else 0
+
+    def admission_upper_bound(self, request: Request) -> int:
+        """Blocks admitting ``request`` can take at most, whatever its prefix hit."""
+        return self._blocks_through(request, 0) + self.watermark_blocks
+
+    def admission(self, request: Request, local_hit_tokens: int) -> Admission:
+        hit = self._local_hit_blocks(request, local_hit_tokens)
+        new = self._blocks_through(request, len(hit) * self.block_size) - len(hit)
+        return Admission(new + self.watermark_blocks, hit)
+
+    def next_step_blocks(self, request: Request, scheduled_tokens: int) -> int:
+        """New blocks ``request`` needs in the step after the one that schedules
+        ``scheduled_tokens`` of it (called before vLLM advances its computed tokens)."""
+        computed = request.num_computed_tokens + scheduled_tokens
+        if computed >= request.num_tokens:  # decoding next
+            if request.num_output_tokens + 1 >= request.max_tokens:
+                return 0  # this step's token is its last
+            upcoming = 1
+        else:
+            upcoming = min(request.num_tokens - computed, self.max_chunk)
+        held = _cdiv(min(computed + self.lookahead, self.max_model_len), self.block_size)
+        end = min(computed + upcoming + self.lookahead, self.max_model_len)
+        return max(0, _cdiv(end, self.block_size) - held)
+
+    def _blocks_through(self, request: Request, computed: int) -> int:
+        """Blocks covering the prompt up to the end of its first chunk after ``computed``."""
+        remaining = request.num_tokens - computed
+        chunk = remaining if self.whole_prompt else min(remaining, self.max_chunk)
+        end = min(computed + chunk + self.lookahead, self.max_model_len)
+        return _cdiv(end, self.block_size)
+
+    def _local_hit_blocks(self, request: Request, hit_tokens: int) -> list[Any]:
+        """The blocks of the local prefix hit vLLM just found (a pure lookup: calling
+        ``get_computed_blocks`` again would count the query twice in its stats)."""
+        if self.manager is None or hit_tokens <= 0:
+            return []
+        blocks, _, *_ = self.manager.coordinator.find_longest_cache_hit(
+            request.block_hashes, hit_tokens
+        )
+        return list(blocks[0])
