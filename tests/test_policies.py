@@ -30,8 +30,14 @@ PROFILE = TierProfile(
 )
 
 
-def _turn(tool: str | None = "ls", tokens: int = 3000, tier: str | None = None, last: bool = False):
-    return TurnEnd("p", tool, tokens, last_turn=last, now_s=0.0, tier=tier)
+def _turn(
+    tool: str | None = "ls",
+    tokens: int = 3000,
+    tier: str | None = None,
+    last: bool = False,
+    can_offload: bool = True,
+):
+    return TurnEnd("p", tool, tokens, last, now_s=0.0, tier=tier, can_offload=can_offload)
 
 
 def test_registry() -> None:
@@ -143,6 +149,9 @@ def test_infercept_picks_the_least_memory_time_waste() -> None:
     # A 30 s tool: swap (0.6 s of copies) wastes less than preserving for 30 s.
     long = policy.decide(_turn(tool="pytest", tokens=3000))
     assert (long.source, long.offload, long.ttl_s) == ("swap", True, 0.0)
+    # Served without a lower tier, swap is no choice: a 3 s recompute beats a 30 s pin.
+    no_tier = policy.decide(_turn(tool="pytest", tokens=3000, can_offload=False))
+    assert (no_tier.source, no_tier.offload, no_tier.ttl_s) == ("discard", False, 0.0)
 
 
 def test_infercept_discards_small_contexts_when_recompute_beats_copies() -> None:

@@ -72,8 +72,9 @@ class ContinuumConnector(SchedulerOnlyConnector):
         # Where a finished turn's KV will be found once its pin goes (a lower tier's
         # name) or None (recompute). Set by whatever knows the lower tiers.
         self.residency: Callable[[Request], str | None] = lambda request: None
-        # Copies a finished turn's KV to a lower tier, for policies that ask for it.
-        self.offload: Callable[[Request], None] = lambda request: None
+        # Copies a finished turn's KV to a lower tier, for policies that ask for it; None
+        # where there is no lower tier (policies are told, and never ask).
+        self.offload: Callable[[Request], None] | None = None
         if role != KVConnectorRole.SCHEDULER:
             return
         self.options = ConnectorOptions.from_vllm_config(vllm_config)
@@ -208,10 +209,11 @@ class ContinuumConnector(SchedulerOnlyConnector):
                 last_turn=False,
                 now_s=now,
                 tier=self.residency(request),
+                can_offload=self.offload is not None,
             )
         )
         self._tool_ttls[self._tool_labels.label(tool)] = decision.ttl_s
-        if decision.offload:
+        if decision.offload and self.offload is not None:
             self.offload(request)
         blocks = self._full_cached_blocks(block_ids, request.num_computed_tokens)
         pinned = decision.ttl_s > 0 and bool(blocks)

@@ -124,6 +124,9 @@ class ContinuumTieredConnector(MultiConnector):
         if role == KVConnectorRole.SCHEDULER:
             self._warn_on_missing_profile_tiers()
             self._continuum.residency = self._tier_after_release
+            # LMCache stores every turn while it runs: by the time a policy asks for a
+            # copy in a lower tier (InferCept's swap), it is there already.
+            self._continuum.offload = _already_written_through
             self._cost_aware_loads()
 
     # ---------------------------------------------------------------- worker
@@ -311,6 +314,10 @@ def _only(connectors: list[Any], cls: type) -> Any:
             f"connectors, found {len(found)}"
         )
     return found[0]
+
+
+def _already_written_through(request: Request) -> None:
+    return
 
 
 def _is_returning_turn(request: Request) -> bool:

@@ -21,6 +21,8 @@ class TurnEnd:
     now_s: float
     # Fastest tier that will still hold the KV after the pin expires; None: recompute.
     tier: str | None = None
+    # Whether the connector can copy the KV to a lower tier now (``TTLDecision.offload``).
+    can_offload: bool = False
 
 
 class RetentionPolicy(abc.ABC):

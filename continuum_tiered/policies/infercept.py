@@ -11,6 +11,8 @@ duration of the tool, else of all tools, else ``default_duration_s``):
 
 Preserve pins for ``preserve_ttl_s`` (until the program returns, in practice; pins are
 still released under memory pressure), swap releases the GPU copy after offloading it.
+Swap is a choice only where the connector has a tier to copy to (``TurnEnd.can_offload``):
+a server without LMCache tiers chooses between preserve and discard.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class InferCeptPolicy(RetentionPolicy):
             "preserve": c * self.expected_duration_s(turn.tool),
             "discard": c * self.profile.prefill_time(c),
             "swap": c * 2 * self.profile.reload_time("cpu", c)
-            if "cpu" in self.profile.tiers
+            if turn.can_offload and "cpu" in self.profile.tiers
             else math.inf,
         }
         choice = min(waste, key=waste.__getitem__)
