@@ -321,12 +321,14 @@ class ContinuumConnector(SchedulerOnlyConnector):
     def _make_room_for_next_step(self, num_scheduled_tokens: dict[str, int]) -> None:
         """Release pins until the requests scheduled in this step can all grow in the
         next one; each released pin is one preemption vLLM does not make."""
+        free = self._block_pool.get_num_free_blocks
+        if free() >= self._demand.next_step_upper_bound(len(num_scheduled_tokens)):
+            return  # the common case, in O(1): no need to look at each request
         needed = sum(
             self._demand.next_step_blocks(request, tokens)
             for rid, tokens in num_scheduled_tokens.items()
             if (request := self._requests.get(rid)) is not None
         )
-        free = self._block_pool.get_num_free_blocks
         if needed > free():
             self.pins.release_for(lambda: needed - free())
 

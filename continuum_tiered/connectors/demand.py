@@ -75,6 +75,12 @@ class BlockDemand:
         new = self._blocks_through(request, len(hit) * self.block_size) - len(hit)
         return Admission(new + self.watermark_blocks, hit)
 
+    def next_step_upper_bound(self, num_requests: int) -> int:
+        """Blocks a step of ``num_requests`` running requests can take at most: a block
+        boundary each (plus lookahead), and a token budget's worth of prefill chunks."""
+        per_request = 1 + _cdiv(self.lookahead, self.block_size)
+        return num_requests * per_request + _cdiv(self.max_chunk, self.block_size)
+
     def next_step_blocks(self, request: Request, scheduled_tokens: int) -> int:
         """New blocks ``request`` needs in the step after the one that schedules
         ``scheduled_tokens`` of it (called before vLLM advances its computed tokens)."""
