@@ -16,9 +16,12 @@ import sys
 from dataclasses import dataclass, field
 
 from continuum_tiered.plugin import CONNECTOR_NAME, TIERED_CONNECTOR_NAME
+from continuum_tiered.tenancy import SCOPE_MODES
 from continuum_tiered.tiers import Tiers
 
 MIDDLEWARE = "continuum_tiered.middleware.HintValidationMiddleware"
+# --scope-programs api-key: the same checks, and program ids scoped per API key.
+SCOPED_MIDDLEWARE = "continuum_tiered.middleware.ProgramScopeMiddleware"
 # Flags this command sets itself; passing them through as well would be ambiguous.
 OWNED_FLAGS = ("--kv-transfer-config", "--scheduling-policy", "--middleware")
 LMCACHE_CONNECTOR = "LMCacheConnectorV1"
@@ -40,6 +43,7 @@ class ServeOptions:
     program_fcfs: bool = True
     tiers: Tiers | None = None
     vllm_args: list[str] = field(default_factory=list)
+    scope_programs: str = "none"  # or "api-key": program ids per API key
 
     def connector_config(self) -> dict[str, object]:
         """``ContinuumConnector`` alone, or with ``--tiers`` composed with LMCache's."""
@@ -87,7 +91,7 @@ class ServeOptions:
             "--kv-transfer-config",
             json.dumps(self.connector_config(), separators=(",", ":")),
             "--middleware",
-            MIDDLEWARE,
+            SCOPED_MIDDLEWARE if self.scope_programs == "api-key" else MIDDLEWARE,
         ]
         if self.program_fcfs:
             flags += ["--scheduling-policy", "priority"]
@@ -187,6 +191,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with --tiers on a GPU: LMCache loads layer by layer, overlapping the forward "
         "pass (use_layerwise; not tested in this repository, which has no GPU)",
     )
+    p.add_argument(
+        "--scope-programs",
+        choices=SCOPE_MODES,
+        default="none",
+        help="api-key: rewrite each hint's program_id into the scope of the request's API key "
+        "(Authorization: Bearer; without one, 'anonymous'), so no client can end or take "
+        "over another key's program (default: none, ids as sent)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.set_defaults(run=run_serve)
 
@@ -222,6 +234,7 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         program_fcfs=args.program_fcfs,
         tiers=parse_tiers(args.tiers, args.layerwise_loads),
         vllm_args=passthrough,
+        scope_programs=args.scope_programs,
     )
     flags = options.vllm_flags()
     check_policy(options)

@@ -3,6 +3,7 @@ real ``continuum-tiered serve`` on the CPU build (one server for the module)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import threading
@@ -23,6 +24,7 @@ from continuum_tiered.cli import main
 from continuum_tiered.client import program_priority
 from continuum_tiered.proxy.app import ProxyOptions, add_program_fields, create_app
 from continuum_tiered.proxy.programs import ProgramRegistry, program_identity
+from continuum_tiered.request_body import BodyError
 from continuum_tiered.server import (
     BLOCK_SIZE,
     ServerProcess,
@@ -30,6 +32,7 @@ from continuum_tiered.server import (
     plugin_server_command,
     prometheus_samples,
 )
+from continuum_tiered.tenancy import api_key_scope, scoped_program_id
 
 NUM_BLOCKS = 64
 HEADER = "X-Program-Id"
@@ -77,9 +80,20 @@ def test_registry_counts_turns_and_forgets_idle_and_finished_programs():
 # ---------------------------------------------------------------------- body rewriting
 
 
-def rewrite(body: object, headers: dict[str, str], programs: ProgramRegistry, now: float):
+OPTIONS = ProxyOptions(program_header=HEADER)
+UNSCOPED = ProxyOptions(program_header=HEADER, scope_programs=False)
+
+
+def rewrite(
+    body: object,
+    headers: dict[str, str],
+    programs: ProgramRegistry,
+    now: float,
+    options: ProxyOptions = UNSCOPED,
+    completion: bool = True,
+):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    out = add_program_fields(raw, Headers(headers), programs, HEADER, now)
+    out = add_program_fields(raw, Headers(headers), programs, options, now, completion)
     return out if out is raw else json.loads(out)
 
 
@@ -108,21 +122,73 @@ def test_a_request_without_identity_is_a_one_turn_program_without_hints():
     assert len(programs) == 0
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"{not json",
-        b"[1, 2]",
-        {"prompt": "hi", "priority": 5},
-        {"prompt": "hi", "kv_transfer_params": {"continuum": {"program_id": "B", "turn": 3}}},
-        {"prompt": "hi", "kv_transfer_params": "oops"},
-    ],
-)
-def test_bodies_that_are_not_ours_to_change_are_forwarded_untouched(body):
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"])
+def test_bodies_that_are_not_json_objects_are_forwarded_untouched(body):
     programs = ProgramRegistry(idle_timeout_s=600)
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    assert add_program_fields(raw, Headers({HEADER: "A"}), programs, HEADER, 1.0) is raw
+    assert add_program_fields(body, Headers({HEADER: "A"}), programs, OPTIONS, 1.0) is body
     assert len(programs) == 0
+
+
+@pytest.mark.parametrize("body", [b"[" * 10_000, b'{"a": NaN}', b'{"prompt": 1e400}'])
+def test_hostile_bodies_raise_a_body_error_for_a_400(body):
+    with pytest.raises(BodyError):
+        add_program_fields(body, Headers({}), ProgramRegistry(600), OPTIONS, 1.0)
+
+
+def test_a_clients_priority_is_replaced_by_its_programs_unless_trusted():
+    programs = ProgramRegistry(idle_timeout_s=600)
+    rewrite({"prompt": "hi"}, {HEADER: "A"}, programs, 1000.0)
+    jump = {"prompt": "hi", "priority": -(10**9)}
+    assert rewrite(jump, {HEADER: "A"}, programs, 1005.0)["priority"] == program_priority(1000.0)
+    assert rewrite(jump, {}, programs, 1006.0)["priority"] == program_priority(1006.0)
+    # Any path: a priority the client sent is replaced; none is added where there was none.
+    assert rewrite(jump, {}, programs, 1007.0, completion=False)["priority"] == 1007000
+    raw = json.dumps({"input": "hi"}).encode()
+    assert add_program_fields(raw, Headers({}), programs, OPTIONS, 1.0, completion=False) is raw
+    trusted = dataclasses.replace(UNSCOPED, trust_client_priority=True)
+    kept = rewrite(jump, {HEADER: "B"}, programs, 1008.0, trusted)
+    assert kept["priority"] == -(10**9) and kept["kv_transfer_params"]["continuum"]["turn"] == 0
+
+
+def test_a_clients_own_hints_are_kept_scoped_and_given_the_programs_priority():
+    programs = ProgramRegistry(idle_timeout_s=600)
+    hints = {"continuum": {"program_id": "B", "turn": 3, "tool": "ls"}}
+    body = {"prompt": "hi", "priority": 5, "kv_transfer_params": hints}
+    first = rewrite(body, {"Authorization": "Bearer k1"}, programs, 1000.0, OPTIONS)
+    again = rewrite(body, {"Authorization": "Bearer k1"}, programs, 1001.0, OPTIONS)
+    other = rewrite(body, {"Authorization": "Bearer k2"}, programs, 1002.0, OPTIONS)
+    sent = [b["kv_transfer_params"]["continuum"] for b in (first, again, other)]
+    assert sent[0] == {
+        "program_id": scoped_program_id(api_key_scope("Bearer k1"), "B"),
+        "turn": 3,
+        "last_turn": False,
+        "tool": "ls",
+    }
+    assert sent[1]["program_id"] == sent[0]["program_id"] != sent[2]["program_id"]
+    assert first["priority"] == again["priority"] == program_priority(1000.0)
+    assert other["priority"] == program_priority(1002.0)  # another key: another program
+    # Not this proxy's to judge: malformed hints go on as they are, for the server.
+    bad = {"prompt": "hi", "kv_transfer_params": {"continuum": {"program_id": "A"}}}
+    out = rewrite(bad, {HEADER: "A"}, programs, 1003.0, OPTIONS)
+    assert out["kv_transfer_params"] == bad["kv_transfer_params"]
+    assert out["priority"] == program_priority(1003.0)
+
+
+def test_program_ids_found_by_the_proxy_are_scoped_per_api_key():
+    programs = ProgramRegistry(idle_timeout_s=600)
+    ids = [
+        rewrite({"user": "run-7"}, headers, programs, 1000.0, OPTIONS)["kv_transfer_params"][
+            "continuum"
+        ]["program_id"]
+        for headers in ({"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}, {})
+    ]
+    assert len(set(ids)) == 3 and ids[2] == "anonymous:run-7"
+    assert all(i.endswith(":run-7") and "k1" not in i for i in ids)
+
+
+def test_identities_that_no_hint_takes_are_hashed():
+    surrogate = program_identity(Headers({}), {"user": "\ud800x"}, HEADER)
+    assert surrogate is not None and len(surrogate) == 64
 
 
 def test_cli_rejects_a_bad_upstream(capsys):
@@ -239,8 +305,8 @@ def test_a_programs_second_turn_gets_its_prefix_from_the_pin(proxy):
     assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 20 * BLOCK_SIZE
     hints = [body["kv_transfer_params"]["continuum"] for body in proxy.sent[-2:]]
     assert [(h["program_id"], h["turn"], h["last_turn"]) for h in hints] == [
-        ("agent-A", 0, False),
-        ("agent-A", 1, False),
+        ("anonymous:agent-A", 0, False),  # scoped: the client sent no API key
+        ("anonymous:agent-A", 1, False),
     ]
     priorities = {body["priority"] for body in proxy.sent[-2:]}
     assert len(priorities) == 1 and priorities.pop() > 0  # the real server took it

@@ -9,6 +9,7 @@ import uvicorn
 
 from continuum_tiered.proxy.app import LAST_TURN_HEADER, ProxyOptions, create_app
 from continuum_tiered.proxy.programs import DEFAULT_PROGRAM_HEADER
+from continuum_tiered.tenancy import SCOPE_MODES
 
 
 class ProxyError(ValueError):
@@ -23,7 +24,9 @@ def add_proxy_parser(subparsers: argparse._SubParsersAction) -> None:
             "Forwards every request to the upstream vLLM server; completions get the "
             "program's priority and continuum hints. A request's program is the "
             f"--program-header header, else the body's `user`, else the session_id or "
-            f"X-Session-Id header; `{LAST_TURN_HEADER}: true` marks a last turn."
+            f"X-Session-Id header; `{LAST_TURN_HEADER}: true` marks a last turn. Program ids "
+            "are scoped per client API key and a client's own priority is replaced, unless "
+            "told otherwise."
         ),
     )
     p.add_argument("--upstream", required=True, help="the vLLM server, e.g. http://127.0.0.1:8000")
@@ -39,6 +42,18 @@ def add_proxy_parser(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=600.0,
         help="forget a program after this long without requests (default: 600)",
+    )
+    p.add_argument(
+        "--scope-programs",
+        choices=SCOPE_MODES,
+        default="api-key",
+        help="api-key (default): program ids are per client API key (Authorization: Bearer), "
+        "so no client can end or take over another key's program; none: ids as found",
+    )
+    p.add_argument(
+        "--trust-client-priority",
+        action="store_true",
+        help="keep a priority the client sent (default: replaced by its program's)",
     )
     p.set_defaults(run=run_proxy)
 
@@ -58,7 +73,12 @@ def run_proxy(args: argparse.Namespace, passthrough: list[str]) -> int:
         raise ProxyError(f"--idle-timeout-s must be > 0, got {args.idle_timeout_s}")
     if not args.program_header:
         raise ProxyError("--program-header must not be empty")
-    options = ProxyOptions(program_header=args.program_header, idle_timeout_s=args.idle_timeout_s)
+    options = ProxyOptions(
+        program_header=args.program_header,
+        idle_timeout_s=args.idle_timeout_s,
+        scope_programs=args.scope_programs == "api-key",
+        trust_client_priority=args.trust_client_priority,
+    )
     app = create_app(check_upstream(args.upstream), options)
     print(f"continuum-tiered proxy: http://{args.host}:{args.port} -> {args.upstream}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port)

@@ -8,7 +8,8 @@ Identity, first match wins:
 3. the ``session_id`` or ``X-Session-Id`` header.
 
 Empty values do not count. A request with none of them is a one-turn program of its own.
-Ids longer than the hints allow are replaced by their SHA-256, so they stay distinct.
+Ids longer than the hints allow, or with lone surrogates (which no hint takes), are replaced
+by their SHA-256, so they stay distinct.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ def program_identity(
         *(headers.get(name) for name in SESSION_HEADERS),
     )
     identity = next((c for c in candidates if isinstance(c, str) and c), None)
-    if identity is not None and len(identity) > MAX_PROGRAM_ID_LEN:
-        return hashlib.sha256(identity.encode()).hexdigest()
+    if identity is None:
+        return None
+    try:
+        encoded = identity.encode()
+    except UnicodeEncodeError:  # lone surrogates (a JSON "\ud800"): no valid hint takes them
+        return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
+    if len(identity) > MAX_PROGRAM_ID_LEN:
+        return hashlib.sha256(encoded).hexdigest()
     return identity
 
 
