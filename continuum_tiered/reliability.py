@@ -55,11 +55,12 @@ class PinnedPortServer(ServerProcess):
         self.port = port or free_port()
         self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
         self.starts = 0
+        self.first_log = log_path
 
     def start(self, timeout_s: float = 300.0) -> PinnedPortServer:
         self.starts += 1
-        if self.starts > 1:  # keep the earlier runs' output: append a numbered log
-            self.log_path = self.log_path.with_name(f"{self.log_path.stem}.{self.starts}.log")
+        if self.starts > 1:  # keep the earlier runs' output: the next one in NAME.K.log
+            self.log_path = self.first_log.with_name(f"{self.first_log.stem}.{self.starts}.log")
         super().start(timeout_s)
         return self
 
