@@ -57,10 +57,12 @@ from pathlib import Path
 import httpx
 
 from continuum_tiered.reliability import (
+    PREFIX_SOURCES,
     Comparison,
     PinnedPortServer,
     compare_turns,
     format_problems,
+    kv_state,
     log_problems,
     process_group_members,
 )
@@ -444,6 +446,7 @@ class Runner:
                         f"tier dir {'re-created' if (disk_root / DISK_SUBDIR).exists() else 'gone'}"
                         f" at the end, {len(again)} files in it"
                     )
+                scenario.notes.append(sources_note(server.url))
             finally:
                 server.stop()
             scenario.logs = self._logs(log, server.starts)
@@ -482,6 +485,7 @@ class Runner:
             server.start()
             self.play(scenario, Route(server.url), fault)
             scenario.notes.append(f"{len(files_under(disk_root / DISK_SUBDIR))} tier files at end")
+            scenario.notes.append(sources_note(server.url))
         finally:
             server.stop()
         scenario.logs = [log]
@@ -540,6 +544,7 @@ class Runner:
                 raise RuntimeError(f"the proxy does not answer; see {proxy_log}")
             t_start = time.monotonic()
             self.play(scenario, Route(proxy_url, via_proxy=True), fault)
+            scenario.notes.append(sources_note(upstream.url))
         finally:
             upstream.stop()
             proxy.terminate()
@@ -549,6 +554,16 @@ class Runner:
                 proxy.kill()
         scenario.logs = [*self._logs(log, upstream.starts), proxy_log]
         scenario.notes += proxy_notes(scenario.results, down, t_start)
+
+
+def sources_note(url: str) -> str:
+    """Returning turns' prompt tokens by source, as the (last) server counted them."""
+    try:
+        counters = kv_state(url).counters
+    except (OSError, ValueError) as err:
+        return f"no /metrics ({err})"
+    counts = "/".join(f"{counters.get(f'prefix_tokens_from_{s}', 0):.0f}" for s in PREFIX_SOURCES)
+    return f"prefix tokens {'/'.join(PREFIX_SOURCES)}: {counts}"
 
 
 def server_budget_bytes(size: str) -> int:

@@ -187,3 +187,20 @@ def test_completed_turns_skip_unanswered_ones_and_rows_count_them():
     assert (row.programs_ok, row.turns, row.compared, row.mismatches) == (0, 1, 1, 0)
     assert (row.errors, row.failed_turns, row.hung, row.max_latency_s) == (2, 1, 1, 60)
     assert "| s | 0/1 | 1 | 1 | 0 | 2 | 1 | 1 | 60.00 |" in chaos.format_table([row])
+
+
+def test_proxy_notes_report_gateway_answers_and_slow_attempts_during_the_outage():
+    attempts = [
+        chaos.Attempt(1.0, 0.1, 200),
+        chaos.Attempt(5.0, 0.01, 502, "HTTP 502"),  # down: a fast 502
+        chaos.Attempt(6.0, 20.0, 200),  # down: held until the restart
+        chaos.Attempt(30.0, 0.2, 200),  # after the restart
+    ]
+    program = chaos.ProgramResult("p", [chaos.TurnResult([1], [2], attempts)])
+    notes = chaos.proxy_notes([program], {"killed": 104.0, "ready": 125.0}, t0=100.0)
+    assert notes[0] == "upstream down 4.0-25.0 s: 2 attempts, 1 answered [502] within 0.01 s"
+    assert any("1 attempts during the outage took > 5 s (longest 20.0 s)" in n for n in notes)
+    assert notes[-1] == "first 200 after the restart 5.00 s after it was ready"
+    assert chaos.proxy_notes([program], {}, t0=0.0) == [
+        "the upstream was never killed (the programs ended first)"
+    ]
