@@ -140,26 +140,38 @@ def usage_of(processes: Mapping[str, psutil.Process]) -> dict[str, ProcessUsage]
 
 class RssSampler:
     """Samples the server's processes' RSS every ``interval_s`` in a thread; keeps the
-    peak of each role. Use as a context manager around the run."""
+    peak of each role and every sample (seconds since the start, RSS by role). Use as a
+    context manager around the run."""
 
     def __init__(self, root_pid: int, interval_s: float = 1.0):
         self.root_pid = root_pid
         self.interval_s = interval_s
         self.peak: dict[str, int] = {}
-        self.samples = 0
+        self.series: list[tuple[float, dict[str, int]]] = []
+        self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
     def sample(self) -> None:
-        for role, usage in usage_of(engine_processes(self.root_pid)).items():
-            self.peak[role] = max(self.peak.get(role, 0), usage.rss)
-        self.samples += 1
+        rss = {role: u.rss for role, u in usage_of(engine_processes(self.root_pid)).items()}
+        for role, value in rss.items():
+            self.peak[role] = max(self.peak.get(role, 0), value)
+        self.series.append((time.monotonic() - self._t0, rss))
+
+    def at_fractions(self, role: str, fractions: Sequence[float]) -> list[int]:
+        """The role's RSS at each fraction of the sampled time (the sample nearest it)."""
+        points = [(t, rss[role]) for t, rss in self.series if role in rss]
+        if not points:
+            return []
+        end = points[-1][0]
+        return [min(points, key=lambda p: abs(p[0] - f * end))[1] for f in fractions]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.sample()
 
     def __enter__(self) -> RssSampler:
+        self._t0 = time.monotonic()
         self.sample()
         self._thread.start()
         return self

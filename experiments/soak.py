@@ -223,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {role} | {mib(s.rss)} | {mib(rss.peak.get(role, 0))} | {mib(e.rss)} | "
                 f"{s.fds} -> {e.fds} | {s.threads} -> {e.threads} |"
             )
+    fractions = [k / 10 for k in range(11)]
+    print(
+        f"\nRSS (MiB) at 0%, 10%, ..., 100% of the replay and the wait for pins, sampled "
+        f"every {rss.interval_s:g} s:"
+    )
+    for role in ("engine_core", "worker", "api"):
+        values = rss.at_fractions(role, fractions)
+        print(f"  {role:<12} {' '.join(f'{v / 2**20:.0f}' for v in values)}")
     counters = end_state.counters
     print("\n| pins created | expired | released under pressure | handed over |")
     print("|---|---|---|---|")

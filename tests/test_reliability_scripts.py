@@ -204,3 +204,13 @@ def test_proxy_notes_report_gateway_answers_and_slow_attempts_during_the_outage(
     assert chaos.proxy_notes([program], {}, t0=0.0) == [
         "the upstream was never killed (the programs ended first)"
     ]
+
+
+def test_rss_sampler_reads_the_series_at_fractions_of_the_run():
+    from continuum_tiered.reliability import RssSampler
+
+    sampler = RssSampler(root_pid=-1)
+    sampler.series = [(0.0, {"worker": 1}), (4.0, {"worker": 2}), (10.0, {"worker": 3, "api": 9})]
+    assert sampler.at_fractions("worker", [0, 0.5, 1]) == [1, 2, 3]
+    assert sampler.at_fractions("api", [0, 1]) == [9, 9]
+    assert sampler.at_fractions("engine_core", [0]) == []
