@@ -37,7 +37,14 @@ def vanilla_command(model: Path) -> list[str]:
 
 def plugin_command(model: Path) -> list[str]:
     return plugin_server_command(
-        model, NUM_BLOCKS, "--policy", "static-ttl", "--policy-option", f"ttl_s={PIN_TTL_S}"
+        model,
+        NUM_BLOCKS,
+        "--policy",
+        "static-ttl",
+        "--policy-option",
+        f"ttl_s={PIN_TTL_S}",
+        "--scope-programs",  # program ids per API key; without a key, all share one scope
+        "api-key",
     )
 
 
@@ -148,6 +155,38 @@ def test_malformed_hints_get_400_naming_the_field_and_the_server_keeps_serving(s
     assert error["param"] == "kv_transfer_params.continuum.turn"
     assert "continuum.turn" in error["message"]
     assert server.complete(tokens(20, 64)).status_code == 200
+
+
+def test_one_api_key_cannot_end_another_keys_program(servers):
+    """Key B names key A's program in a last turn; A's pin survives B's turn and a pool's
+    worth of churn, and A's next turn gets its whole prefix from it."""
+    server = servers["plugin"]
+
+    def turn(prompt: list[int], key: str, index: int, last: bool) -> httpx.Response:
+        response = server.client.post(
+            "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": prompt,
+                "max_tokens": 4,
+                "ignore_eos": True,
+                "return_token_ids": True,
+                "kv_transfer_params": hints("shared-id", index, last),
+            },
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200, response.text
+        return response
+
+    a0 = tokens(40, 640)
+    out_a0 = turn(a0, "key-A", 0, False).json()["choices"][0]["token_ids"]
+    pins = server.metric("vllm:continuum_active_pins")
+    turn(tokens(41, 64), "key-B", 1, True)  # "ends" shared-id: only key B's, which had none
+    for seed in (42, 43):  # churn the rest of the pool: unpinned blocks are evicted
+        assert server.complete(tokens(seed, 1200)).status_code == 200
+    assert server.metric("vllm:continuum_active_pins") == pins
+    a1 = turn([*a0, *out_a0, *tokens(44, 50)], "key-A", 1, True)
+    assert a1.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 640
 
 
 def test_malformed_hints_reaching_the_engine_are_ignored_with_a_warning(servers):

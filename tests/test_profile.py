@@ -1,6 +1,7 @@
 import copy
 import dataclasses
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -65,7 +66,13 @@ def test_from_hf_config() -> None:
 def test_from_hf_config_assumes_a_missing_key_and_warns_naming_it(key, assumed, caplog) -> None:
     config = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128}
     del config[key]
-    shape = ModelShape.from_hf_config(config, name=f"no-{key}")
+    # vLLM's plugin, once loaded in this process, sends our records to its own handlers.
+    logger = logging.getLogger("continuum_tiered.model_dims")
+    logger.addHandler(caplog.handler)
+    try:
+        shape = ModelShape.from_hf_config(config, name=f"no-{key}")
+    finally:
+        logger.removeHandler(caplog.handler)
     assert assumed in caplog.text and f"no-{key}" in caplog.text
     assert shape.num_layers == (32 if key == "num_hidden_layers" else 2)
 
