@@ -47,7 +47,7 @@ def nesting_exceeds(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
         level = [
             child
             for node in level
-            for child in (node.values() if type(node) is dict else node)  # type: ignore[union-attr]
+            for child in (node.values() if type(node) is dict else node)
             if _is_container(child)
         ]
     return False
