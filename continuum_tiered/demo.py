@@ -28,6 +28,7 @@ from continuum_tiered.experiment import (
     System,
     SystemRun,
     add_run_options,
+    check_cpu_pool,
     plugin,
     run_experiment,
 )
@@ -139,12 +140,15 @@ def plot(runs: dict[str, SystemRun], path: Path) -> None:
 
 
 def run_demo(args: argparse.Namespace, _passthrough: list[str]) -> int:
+    programs = demo_programs(args)
+    if note := check_cpu_pool(args.kv_blocks, programs, DEMO_SHAPE):  # before any server
+        print(note, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     engine = Engine.random_cpu(write_tiny_llama(args.out / "model", DEMO_SHAPE), args.kv_blocks)
     jps = 1 / args.interarrival
     results = run_experiment(
         (VLLM, CONTINUUM_TIERED if args.tiers else WITHOUT_TIERS),
-        demo_programs(args),
+        programs,
         engine,
         args.out,
         jps=jps,

@@ -41,6 +41,8 @@ from continuum_tiered.agent_runner import (
 from continuum_tiered.metrics import RunSummary
 from continuum_tiered.serve import RESERVED_CPU_ENV
 from continuum_tiered.server import (
+    BLOCK_SIZE,
+    MIN_KV_BLOCKS,
     ServerProcess,
     continuum_serve_command,
     prometheus_samples,
@@ -122,6 +124,42 @@ class Engine:
             ("--profile", CPU_PROFILE),
             CPU_ENGINE_ENV,
         )
+
+
+def check_cpu_pool(
+    kv_blocks: int, programs: Sequence[TraceProgram], shape: TinyLlamaShape = DEMO_SHAPE
+) -> str | None:
+    """Check ``--kv-blocks`` against the random model and the programs, before any server
+    starts.
+
+    A pool holding more tokens than the model has positions is fine: every block stays in
+    the pool and a request is capped at the positions (``tiny_engine_flags``); the note
+    returned says so. A pool or model too small for the programs' longest turn (prompt and
+    output) raises ValueError naming the fix: its requests would be refused.
+    """
+    if kv_blocks < MIN_KV_BLOCKS:
+        raise ValueError(f"--kv-blocks must be at least {MIN_KV_BLOCKS}, got {kv_blocks}")
+    pool_tokens = (kv_blocks - 1) * BLOCK_SIZE  # block 0 is vLLM's null block
+    positions = shape.max_position_embeddings
+    longest = max((t.prompt_tokens + t.output_tokens for p in programs for t in p.turns), default=0)
+    if longest > positions:
+        raise ValueError(
+            f"the programs' longest turn is {longest} tokens, more than the random model's "
+            f"{positions} positions; lower --token-scale or --turns"
+        )
+    if longest > pool_tokens:
+        need = -(-longest // BLOCK_SIZE) + 1
+        raise ValueError(
+            f"--kv-blocks {kv_blocks} holds {pool_tokens} tokens, fewer than the programs' "
+            f"longest turn ({longest} tokens); use --kv-blocks {need} or more"
+        )
+    if pool_tokens > positions:
+        return (
+            f"note: --kv-blocks {kv_blocks} holds {pool_tokens} tokens, more than the random "
+            f"model's {positions} positions: the pool keeps all {kv_blocks} blocks and one "
+            f"request is capped at {positions} tokens (--max-model-len {positions})"
+        )
+    return None
 
 
 # A server command for one run; the folder is the run's own, for a disk tier.

@@ -30,6 +30,7 @@ from continuum_tiered.experiment import (
     System,
     TierSizes,
     add_run_options,
+    check_cpu_pool,
     gpu_name,
     run_experiment,
     trace_programs,
@@ -171,11 +172,18 @@ def experiment_main(
     parser = experiment_parser(title, Path("out") / name)
     args = parser.parse_args(argv)
     resolve_defaults(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    engine = engine_for(args)
     programs = trace_programs(
         trace, args.programs, args.turns, args.token_scale, args.jps, args.seed
     )
+    if not args.model:
+        try:
+            note = check_cpu_pool(args.kv_blocks, programs, DEMO_SHAPE)
+        except ValueError as err:
+            raise SystemExit(f"{parser.prog}: error: {err}") from err
+        if note:
+            print(note, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    engine = engine_for(args)
     results = run_experiment(
         systems,
         programs,

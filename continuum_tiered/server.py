@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,13 +27,41 @@ def free_port() -> int:
 
 
 BLOCK_SIZE = 32
+MIN_KV_BLOCKS = 2  # vLLM's null block and one to hold a request
+
+
+def model_positions(model_dir: Path) -> int | None:
+    """The positions of the model in ``model_dir`` (``max_position_embeddings`` of its
+    ``config.json``); None when it does not say."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    positions = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+        return positions
+    return None
+
+
+def tiny_max_model_len(model_dir: Path, num_blocks: int) -> int:
+    """The longest request on a pool of ``num_blocks``: all of it (block 0 is vLLM's null
+    block), but no longer than the model has positions (vLLM refuses to start otherwise)."""
+    if num_blocks < MIN_KV_BLOCKS:
+        raise ValueError(
+            f"a KV pool of {num_blocks} blocks holds no request; it needs at least "
+            f"{MIN_KV_BLOCKS} blocks (vLLM keeps block 0 as its null block)"
+        )
+    pool_tokens = (num_blocks - 1) * BLOCK_SIZE
+    positions = model_positions(model_dir)
+    return pool_tokens if positions is None else min(pool_tokens, positions)
 
 
 def tiny_engine_flags(model_dir: Path, num_blocks: int) -> list[str]:
     """vLLM flags for a random-weight model on the CPU build (DESIGN.md section 5).
 
     The KV pool is ``num_blocks`` blocks; one request may fill all of it (vLLM refuses to
-    start when the longest request could not fit).
+    start when the longest request could not fit), or as much as the model has positions
+    for (:func:`tiny_max_model_len`).
     """
     return [
         "--load-format",
@@ -43,7 +72,7 @@ def tiny_engine_flags(model_dir: Path, num_blocks: int) -> list[str]:
         "--num-gpu-blocks-override",
         str(num_blocks),
         "--max-model-len",
-        str((num_blocks - 1) * BLOCK_SIZE),  # block 0 is the null block
+        str(tiny_max_model_len(model_dir, num_blocks)),
         # On the CPU build this is the share of the NUMA node's memory vLLM reserves.
         "--gpu-memory-utilization",
         "0.15",
