@@ -5,8 +5,9 @@ The server's middleware (:mod:`continuum_tiered.middleware`) and the proxy
 
 - rejected here with :class:`BodyError` (HTTP 400 naming the problem): nested deeper than
   :data:`MAX_JSON_DEPTH` levels (Python's parser would raise ``RecursionError`` a few
-  hundred levels further down), or holding ``NaN``, ``Infinity`` or a number beyond a
-  float's range (none is a JSON number; Python's parser takes them);
+  hundred levels further down), holding ``NaN``, ``Infinity`` or a number beyond a float's
+  range (none is a JSON number; Python's parser takes them), or an integer of more digits
+  than Python converts (4300);
 - not a JSON object (not JSON, not UTF-8, an array, a string...): :func:`load_json_object`
   returns None and the body goes on untouched, for the server to answer in its own words;
 - a JSON object, whose hints :func:`request_error` checks.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from continuum_tiered.hints import HintError, parse_hints
 
@@ -81,8 +83,12 @@ def load_json_object(body: bytes) -> dict[str, object] | None:
         raise
     except RecursionError as err:  # Python's parser gives up around 1000 levels
         raise _too_deep() from err
-    except ValueError:  # not JSON, not UTF-8/16/32, an integer of over 4300 digits
-        return None
+    except ValueError as err:
+        if "integer string conversion" in str(err):  # valid JSON that Python refuses
+            raise BodyError(
+                f"request body holds an integer of over {sys.get_int_max_str_digits()} digits"
+            ) from err
+        return None  # not JSON, or not UTF-8/16/32
     if nesting_exceeds(payload):
         raise _too_deep()
     return payload if isinstance(payload, dict) else None
