@@ -123,6 +123,16 @@ class SchedulerDriver:
     def connector(self) -> Any:
         return self.scheduler.connector
 
+    def blocks_held_by_requests(self) -> dict[str, list[Any]]:
+        """The pool blocks each request holds (all KV cache groups), by request id: one
+        reference each on ``ref_cnt``. Requests holding none are left out."""
+        held: dict[str, list[Any]] = {}
+        for manager in self.scheduler.kv_cache_manager.coordinator.single_type_managers:
+            for request_id, blocks in manager.req_to_blocks.items():
+                if blocks:
+                    held.setdefault(request_id, []).extend(blocks)
+        return held
+
     def add_request(
         self,
         request_id: str,
