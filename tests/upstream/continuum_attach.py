@@ -53,7 +53,7 @@ _seed_pin_blocks = max(1, int(os.environ.get("CONTINUUM_UPSTREAM_SEED_PIN_BLOCKS
 _record: Counter[str] = Counter()
 _results: dict[str, dict[str, Any]] = {}  # node id -> outcome, message, connector record
 _deselected: list[str] = []
-_connectors: list[weakref.ref[Any]] = []
+_connectors: list[tuple[weakref.ref[Any], weakref.ref[Any]]] = []  # (scheduler, connector)
 _our_configs: dict[int, Any] = {}  # id -> the KVTransferConfig we made (kept alive)
 
 
@@ -136,8 +136,13 @@ def _connector_record() -> dict[str, Any]:
     data: dict[str, Any] = dict(_record)
     created = 0
     releases: Counter[str] = Counter()
-    for ref in _connectors:
-        pins = getattr(ref(), "_pins", None)
+    for scheduler_ref, connector_ref in _connectors:
+        scheduler, connector = scheduler_ref(), connector_ref()
+        if scheduler is not None and scheduler.connector is not connector:
+            data["schedulers_connector_replaced_by_test"] = (
+                data.get("schedulers_connector_replaced_by_test", 0) + 1
+            )
+        pins = getattr(connector, "_pins", None)
         if pins is None:
             continue
         created += pins.pins_created
@@ -180,7 +185,7 @@ def _patch_scheduler() -> None:
         if not attach:
             return
         _record["schedulers_with_connector"] += 1
-        _connectors.append(weakref.ref(self.connector))
+        _connectors.append((weakref.ref(self), weakref.ref(self.connector)))
         _count_turn_ends(self.connector)
         if _variant == "c":
             _seed_pins(self)

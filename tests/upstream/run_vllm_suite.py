@@ -17,7 +17,8 @@ run once per variant (see ``continuum_attach.py``):
 
 The failures are compared with ``vllm-scheduler-expectations.txt`` beside this file: the
 run fails on a failure not listed there for that variant, and on a listed failure that
-now passes, so the list stays honest. Exit status 0 only when every variant matches.
+now passes, so the list stays honest. Exit status 0 only when every variant matches; 3
+when vLLM's source distribution can be neither found in the cache nor downloaded.
 
 Usage: ``python tests/upstream/run_vllm_suite.py [--variants a,b] [--jobs 2] [--rev REV]
 [--quick] [-k EXPR]`` (``scripts/run-vllm-scheduler-tests.sh`` runs it with the venv).
@@ -41,6 +42,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -125,6 +127,7 @@ HF_CONFIGS: dict[str, dict[str, object]] = {
     },
 }
 HF_REVISION = "0" * 40
+EXIT_NO_SDIST = 3  # the test files could not be fetched (no network, no cache)
 
 
 # ----------------------------------------------------------------------- expectations
@@ -328,7 +331,7 @@ class RunResult:
     variant: str
     returncode: int
     seconds: float
-    tests: dict[str, dict[str, object]]
+    tests: dict[str, dict[str, Any]]
     deselected: list[str]
     log: Path
 
@@ -404,16 +407,16 @@ def compare(result: RunResult, expected: dict[str, str], subset: bool) -> bool:
         if subset
         else sorted(k for k in expected if k not in result.tests and k not in deselected)
     )
-    attached = sum(
-        1
-        for v in result.tests.values()
-        if v.get("connector", {}).get("schedulers_with_connector", 0)  # type: ignore[union-attr]
-    )
+    records = [v.get("connector", {}) for v in result.tests.values()]
+    attached = sum(1 for r in records if r.get("schedulers_with_connector"))
+    pinned = sum(1 for r in records if r.get("pins_created"))
+    pressure = sum(1 for r in records if r.get("pin_releases", {}).get("pressure"))
     print(
         f"variant {result.variant}: {len(passed)} passed, {len(as_expected)} failed as "
         f"expected, {len(unexpected)} unexpected failures, {len(now_passing)} expected "
         f"failures now passing, {len(skipped)} skipped, {len(deselected)} deselected "
-        f"({attached} tests built a scheduler with the connector; {result.seconds:.0f} s)"
+        f"({result.seconds:.0f} s). Tests whose scheduler had the connector: {attached}; "
+        f"with pins: {pinned}; with pins released under pressure: {pressure}"
     )
     ok = True
     if not result.tests:
@@ -451,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("--out", type=Path, default=CACHE / "results")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the runs' working directory is vLLM's tree
 
     variants = [v for v in args.variants.split(",") if v]
     for variant in variants:
@@ -463,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: installed vLLM is {version}; the expectations are for "
             f"{exp.vllm_version}, so the comparison may not hold"
         )
-    root = ensure_sdist_tests(args.python, version, args.sdist)
+    try:
+        root = ensure_sdist_tests(args.python, version, args.sdist)
+    except OSError as err:  # no route to the index (urllib's URLError is an OSError)
+        print(f"cannot fetch vLLM {version}'s source distribution: {err}")
+        return EXIT_NO_SDIST
     hub = ensure_hf_cache()
     src = export_revision(args.rev) if args.rev else None
     args.out.mkdir(parents=True, exist_ok=True)
