@@ -66,7 +66,9 @@ class ProgramScopeMiddleware(HintValidationMiddleware):
         if not scope_hints(payload, api_key_scope(_header(scope, b"authorization"))):
             return scope, body
         body = json.dumps(payload).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        # The new body goes as one message of a known length, however the old one came.
+        stale = (b"content-length", b"transfer-encoding")
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in stale]
         headers.append((b"content-length", str(len(body)).encode()))
         return {**scope, "headers": headers}, body
 

@@ -6,7 +6,9 @@ to answer in its own words: never a 500 (issue 18)."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import shlex
 from collections.abc import Iterator
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 from test_proxy import serve_in_thread
 
+from continuum_tiered.cli import main
 from continuum_tiered.hints import MAX_PROGRAM_ID_LEN
 from continuum_tiered.middleware import HintValidationMiddleware, ProgramScopeMiddleware
 from continuum_tiered.proxy.app import ProxyOptions, create_app
@@ -202,3 +205,15 @@ def test_the_proxy_answers_hostile_bodies_400_or_forwards_them(proxied, name):
         assert response.content == body  # not an object: untouched
     else:
         assert "priority" in json.loads(response.content)
+
+
+@pytest.mark.parametrize(
+    ("flags", "middleware"),
+    [([], HintValidationMiddleware), (["--scope-programs", "api-key"], ProgramScopeMiddleware)],
+)
+def test_serve_prints_the_middleware_that_vllm_will_import(flags, middleware, capsys):
+    assert main(["serve", "some/model", *flags, "--dry-run"]) == 0
+    command = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    path = command[command.index("--middleware") + 1]
+    module, _, name = path.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is middleware

@@ -1,0 +1,42 @@
+"""``experiments/fuzz_hints.py``'s body generator, without a server: at least 1,000 distinct
+bodies, the same for the same seed, and the shared body reader answers each without raising
+anything but its own errors (the benchmark itself runs against a live server)."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import sys
+from pathlib import Path
+
+from continuum_tiered.hints import HintError
+from continuum_tiered.request_body import BodyError, bad_request_body, request_error
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "fuzz_hints.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("fuzz_hints", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fuzz_hints", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_generator_yields_over_1000_distinct_bodies_the_shared_reader_answers():
+    fuzz = load_script()
+    bodies = list(fuzz.hostile_bodies(seed=3, count=1000))
+    assert len({(b.path, b.body) for b in bodies}) == len(bodies) == 1000
+    assert [b.body for b in fuzz.hostile_bodies(seed=3, count=1000)] == [b.body for b in bodies]
+    assert {b.path for b in bodies} == {"/v1/completions", "/v1/chat/completions"}
+    assert sum(len(b.body) >= 10 * 1024 * 1024 for b in bodies) == 3
+    outcomes: collections.Counter[str] = collections.Counter()
+    for item in bodies:
+        error = request_error(item.body)  # must not raise
+        assert error is None or isinstance(error, BodyError | HintError)
+        if error is not None:
+            assert bad_request_body(error)  # the 400 reply can be written
+        outcomes[type(error).__name__] += 1
+    # Every kind of answer is exercised: body errors, hint errors, and bodies passed on.
+    assert min(outcomes["BodyError"], outcomes["HintError"], outcomes["NoneType"]) >= 50
