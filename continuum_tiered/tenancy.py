@@ -11,6 +11,8 @@ collide, and no log line shows a key. ``SCOPE:ID`` longer than the hints allow b
 
 The scope says which key a request carried, not that the key is valid: vLLM's own
 ``--api-key`` checks that (a client without a valid key gets 401, whatever its hints).
+A proxy that scopes in front of a server that scopes too (it forwards the client's
+``Authorization``) scopes each id twice: ``SCOPE:SCOPE:ID``, as distinct per key.
 """
 
 from __future__ import annotations
