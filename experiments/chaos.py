@@ -254,9 +254,10 @@ async def run_programs(
     seed: int,
     fault: Callable[[], None] | None = None,
     fault_at_s: float = 0.0,
-) -> tuple[list[ProgramResult], float]:
+) -> tuple[list[ProgramResult], float, float]:
     """Every program from its arrival, concurrently; ``fault`` runs in a thread
-    ``fault_at_s`` seconds in (the programs go on meanwhile). Results and the run's time."""
+    ``fault_at_s`` seconds in (the programs go on meanwhile). Results, the run's start
+    (``time.monotonic()``, which attempts' ``at_s`` count from) and its length."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         t0 = time.monotonic()
@@ -271,7 +272,7 @@ async def run_programs(
                 await asyncio.to_thread(fault)
 
         *results, _ = await asyncio.gather(*tasks, inject())
-        return list(results), time.monotonic() - t0
+        return list(results), t0, time.monotonic() - t0
 
 
 # --------------------------------------------------------------------------- reference
@@ -378,6 +379,7 @@ class Scenario:
     notes: list[str] = field(default_factory=list)
     results: list[ProgramResult] = field(default_factory=list)
     duration_s: float = 0.0
+    t0: float = 0.0  # time.monotonic() at the start of the programs
     logs: list[Path] = field(default_factory=list)
 
 
@@ -407,7 +409,7 @@ class Runner:
         return PinnedPortServer(command, log)
 
     def play(self, scenario: Scenario, route: Route, fault: Callable[[], None] | None) -> None:
-        scenario.results, scenario.duration_s = asyncio.run(
+        scenario.results, scenario.t0, scenario.duration_s = asyncio.run(
             run_programs(
                 route,
                 self.args.programs,
@@ -542,7 +544,6 @@ class Runner:
             upstream.start()
             if not wait_until(lambda: _answers(f"{proxy_url}/v1/models"), 60):
                 raise RuntimeError(f"the proxy does not answer; see {proxy_log}")
-            t_start = time.monotonic()
             self.play(scenario, Route(proxy_url, via_proxy=True), fault)
             scenario.notes.append(sources_note(upstream.url))
         finally:
@@ -553,7 +554,7 @@ class Runner:
             except subprocess.TimeoutExpired:
                 proxy.kill()
         scenario.logs = [*self._logs(log, upstream.starts), proxy_log]
-        scenario.notes += proxy_notes(scenario.results, down, t_start)
+        scenario.notes += proxy_notes(scenario.results, down, scenario.t0)
 
 
 def sources_note(url: str) -> str:
@@ -586,13 +587,17 @@ def proxy_notes(results: list[ProgramResult], down: dict[str, float], t0: float)
     attempts = [a for r in results for t in r.turns for a in t.attempts]
     killed = down["killed"] - t0
     ready = down.get("ready", float("inf")) - t0
-    gateway = [a for a in attempts if a.status in (502, 503, 504)]
-    during = [a for a in attempts if killed <= a.at_s < ready]
+    # Attempts that overlap the outage: in flight at the kill, or sent before the restart.
+    during = [a for a in attempts if a.at_s < ready and a.at_s + a.latency_s > killed]
+    gateway = [a for a in during if a.status in (502, 503, 504)]
+    in_flight = [a for a in during if a.at_s < killed]
     after = [a for a in attempts if a.at_s >= ready and a.status == 200]
     notes = [
         f"upstream down {killed:.1f}-{ready:.1f} s: {len(during)} attempts, "
         f"{len(gateway)} answered {sorted({a.status for a in gateway})}"
         + (f" within {max(a.latency_s for a in gateway):.2f} s" if gateway else ""),
+        f"{len(in_flight)} in flight at the kill: "
+        + (", ".join(str(a.status or a.error) for a in in_flight) or "none"),
     ]
     other = [a for a in during if a.status not in (502, 503, 504, 200)]
     if other:

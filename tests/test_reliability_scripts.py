@@ -197,8 +197,10 @@ def test_proxy_notes_report_gateway_answers_and_slow_attempts_during_the_outage(
         chaos.Attempt(30.0, 0.2, 200),  # after the restart
     ]
     program = chaos.ProgramResult("p", [chaos.TurnResult([1], [2], attempts)])
+    attempts.append(chaos.Attempt(3.9, 0.2, 502, "HTTP 502"))  # in flight at the kill
     notes = chaos.proxy_notes([program], {"killed": 104.0, "ready": 125.0}, t0=100.0)
-    assert notes[0] == "upstream down 4.0-25.0 s: 2 attempts, 1 answered [502] within 0.01 s"
+    assert notes[0] == "upstream down 4.0-25.0 s: 3 attempts, 2 answered [502] within 0.20 s"
+    assert notes[1] == "1 in flight at the kill: 502"
     assert any("1 attempts during the outage took > 5 s (longest 20.0 s)" in n for n in notes)
     assert notes[-1] == "first 200 after the restart 5.00 s after it was ready"
     assert chaos.proxy_notes([program], {}, t0=0.0) == [
