@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-blocks", type=int, default=64, help="KV pool, in 32-token blocks")
     p.add_argument("--cpu-tier", default="2MiB")
     p.add_argument("--disk-tier", default="256MiB")
+    p.add_argument(
+        "--tiers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LMCache's CPU and disk tiers (--no-tiers: the plugin alone, to tell a tier's "
+        "memory from the rest)",
+    )
     p.add_argument("--policy", help="retention policy (default: serve's default)")
     p.add_argument("--profile", help="tier profile (default: serve's default)")
     p.add_argument(
@@ -103,7 +110,9 @@ def soak_trace(programs: int, turns: int, seed: int) -> list[TraceProgram]:
 
 
 def serve_options(args: argparse.Namespace, disk_root: Path) -> list[str]:
-    options = ["--tiers", f"cpu={args.cpu_tier},disk={disk_root}:{args.disk_tier}:cleanup"]
+    options = []
+    if args.tiers:
+        options += ["--tiers", f"cpu={args.cpu_tier},disk={disk_root}:{args.disk_tier}:cleanup"]
     if args.policy:
         options += ["--policy", args.policy]
     if args.profile:
@@ -192,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.programs} BFCL programs x <= {args.turns} turns, {args.jps:g} programs/s, "
         f"tokens x{args.token_scale:g}, tool pauses x{args.time_scale:g}, KV pool {n} blocks, "
-        f"tiers cpu={args.cpu_tier} disk={args.disk_tier}, "
-        f"policy {args.policy or 'default'}, profile {args.profile or 'default'}"
+        + (f"tiers cpu={args.cpu_tier} disk={args.disk_tier}, " if args.tiers else "no tiers, ")
+        + f"policy {args.policy or 'default'}, profile {args.profile or 'default'}"
     )
     print(
         f"server ready after {ready_s:.0f} s; replay {replay_s:.0f} s (exit {code}); "

@@ -36,6 +36,7 @@ def test_soak_arguments():
     options = soak.serve_options(args, Path("/scratch"))
     assert options[:2] == ["--tiers", "cpu=2MiB,disk=/scratch:256MiB:cleanup"]
     assert options[2:] == ["--policy", "static-ttl", "--policy-option", "a=1"]
+    assert soak.serve_options(soak.parse_args(["--no-tiers"]), Path("/scratch")) == []
     command = soak.replay_command(args, "http://127.0.0.1:1", Path("t.jsonl"))
     assert command[command.index("--programs") + 1] == "5"
     assert command[command.index("--policy-hints") + 1] == "on"
