@@ -21,7 +21,8 @@ now passes, so the list stays honest. Exit status 0 only when every variant matc
 when vLLM's source distribution can be neither found in the cache nor downloaded.
 
 Usage: ``python tests/upstream/run_vllm_suite.py [--variants a,b] [--jobs 2] [--rev REV]
-[--quick] [-k EXPR]`` (``scripts/run-vllm-scheduler-tests.sh`` runs it with the venv).
+[--seed-pin-blocks N] [--extra-config JSON] [-k EXPR]``;
+``scripts/run-vllm-scheduler-tests.sh`` runs it with the venv.
 """
 
 from __future__ import annotations
@@ -59,15 +60,6 @@ VARIANT_EXTRA_CONFIG: dict[str, dict[str, object]] = {
 }
 SEED_FRACTION = 1.0  # variant c: the seeded pins take every free block
 SEED_PIN_BLOCKS = 8  # ... in pins of this many blocks, so each release frees little
-# The pytest entry's subset (--quick): the tests where the connector does the most, as
-# measured on vLLM 0.32.0 (pins created, released under pressure or by a cache reset),
-# and the ones listed in the expectations file.
-QUICK_SELECTION = (
-    "reset_prefix_cache or reset_connector or memory_leak or partial_requests"
-    " or preempt or priority_scheduling or kv_cache_release or out_of_kv"
-    " or prefix_cache_stats or _step_until_done or schedule"
-)
-
 # Offline Hugging Face configs for the two models the tests name: the tests only read
 # their architecture (no weights, no tokenizer), and this machine cannot reach the Hub.
 HF_CONFIGS: dict[str, dict[str, object]] = {
@@ -450,7 +442,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed-pin-blocks", type=int, default=SEED_PIN_BLOCKS, help="variant c's pin size"
     )
-    parser.add_argument("--quick", action="store_true", help="the pytest entry's subset")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("--out", type=Path, default=CACHE / "results")
     args = parser.parse_args(argv)
@@ -485,9 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     deselect_file = args.out / "deselect.txt"
     deselect_file.write_text("".join(f"{node}\n" for node in sorted(deselected)))
     pytest_args: list[str] = []
-    keyword = QUICK_SELECTION if args.quick else None
-    if args.keyword:
-        keyword = f"({keyword}) and ({args.keyword})" if keyword else args.keyword
+    keyword = args.keyword
     if keyword:
         pytest_args += ["-k", keyword]
     where = f"continuum_tiered at {args.rev}" if args.rev else "the working tree"
