@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 RUNNER = Path(__file__).resolve().parent / "upstream" / "run_vllm_suite.py"
-EXIT_NO_SDIST = 3
+EXIT_NO_SDIST = 3  # no network and nothing cached
+EXIT_OTHER_VERSION = 4  # the expectations were written for another vLLM version
 
 
 def test_vllm_scheduler_tests_pass_with_the_connector_attached() -> None:
@@ -28,7 +29,7 @@ def test_vllm_scheduler_tests_pass_with_the_connector_attached() -> None:
         timeout=1800,
     )
     output = proc.stdout + proc.stderr
-    if proc.returncode == EXIT_NO_SDIST:
+    if proc.returncode in (EXIT_NO_SDIST, EXIT_OTHER_VERSION):
         pytest.skip(output.strip().splitlines()[-1])
     print(output)
     assert proc.returncode == 0, output[-12000:]

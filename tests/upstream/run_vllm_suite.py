@@ -18,7 +18,8 @@ run once per variant (see ``continuum_attach.py``):
 The failures are compared with ``vllm-scheduler-expectations.txt`` beside this file: the
 run fails on a failure not listed there for that variant, and on a listed failure that
 now passes, so the list stays honest. Exit status 0 only when every variant matches; 3
-when vLLM's source distribution can be neither found in the cache nor downloaded.
+when vLLM's source distribution can be neither found in the cache nor downloaded; 4 when
+the installed vLLM is not the version the expectations were written for.
 
 Usage: ``python tests/upstream/run_vllm_suite.py [--variants a,b] [--jobs 2] [--rev REV]
 [--seed-pin-blocks N] [--extra-config JSON] [-k EXPR]``;
@@ -120,6 +121,7 @@ HF_CONFIGS: dict[str, dict[str, object]] = {
 }
 HF_REVISION = "0" * 40
 EXIT_NO_SDIST = 3  # the test files could not be fetched (no network, no cache)
+EXIT_OTHER_VERSION = 4  # the installed vLLM is not the version the expectations are for
 
 
 # ----------------------------------------------------------------------- expectations
@@ -443,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         "--seed-pin-blocks", type=int, default=SEED_PIN_BLOCKS, help="variant c's pin size"
     )
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
+    parser.add_argument(
+        "--any-version",
+        action="store_true",
+        help="run against an installed vLLM other than the expectations' version",
+    )
     parser.add_argument("--out", type=Path, default=CACHE / "results")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()  # the runs' working directory is vLLM's tree
@@ -455,9 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     version = installed_vllm_version(args.python)
     if version != exp.vllm_version:
         print(
-            f"warning: installed vLLM is {version}; the expectations are for "
-            f"{exp.vllm_version}, so the comparison may not hold"
+            f"the installed vLLM is {version}; the expectations are for vLLM "
+            f"{exp.vllm_version}" + ("" if args.any_version else " (--any-version runs anyway)")
         )
+        if not args.any_version:
+            return EXIT_OTHER_VERSION
     try:
         root = ensure_sdist_tests(args.python, version, args.sdist)
     except OSError as err:  # no route to the index (urllib's URLError is an OSError)
