@@ -3,9 +3,9 @@
 The state machine is ``continuum_tiered.sim.fuzz.SchedulerFuzz`` (its docstring lists the
 rules and invariants); ``experiments/fuzz_scheduler.py`` runs it for 10,000 sequences.
 Here a short derandomized run per retention-policy variant checks every invariant after
-every rule and engine step; then one deterministic test per defect the fuzz found in the
-connector before commit 7fe118e, each the fuzz's minimal failing sequence (the short run
-does not reach them; the long one does).
+every rule and engine step. Then one deterministic test per defect the long run found in
+the connector of 1e0cb61 (each the minimal failing sequence the fuzz printed, tidied):
+all five failed there, and pass since 7fe118e fixed the connector.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from vllm.v1.request import RequestStatus
 
 from continuum_tiered.sim.fuzz import (
+    STEP_S,
     FuzzSetup,
     Variant,
     hints,
@@ -27,17 +28,18 @@ from continuum_tiered.sim.fuzz import (
     tokens,
 )
 
-SEQUENCES = 80  # per variant; each is at most RULES rules plus a drain
-RULES = 20
+RULES = 20  # per sequence, at most, plus a drain at teardown
 
-# name -> (variant, whether it must pin). "tiered" is the connector's default config: the
-# tiny model's estimated prefill is nearly free, so its cost model pins rarely; "-slow"
-# variants price prefill at 0.5 s + 4 ms/token, so the cost models pin for seconds.
+# name -> (variant, sequences, whether it must pin). "tiered-slow" is the default policy
+# with prefill priced at 0.5 s + 4 ms/token, so its cost model pins for seconds; it gets
+# the most sequences (enough to hit the commonest defect of 1e0cb61, the failing reset).
+# "tiered" is the connector's default config as is: the tiny model's estimated prefill is
+# nearly free, so its cost model pins rarely.
 VARIANTS = {
-    "tiered": (Variant(policy="tiered", profile="estimate"), False),
-    "tiered-slow": (Variant(policy="tiered", profile="slow"), True),
-    "continuum-slow": (Variant(policy="continuum", profile="slow"), True),
-    "static-ttl": (Variant(policy="static-ttl"), True),
+    "tiered-slow": (Variant(policy="tiered", profile="slow"), 200, True),
+    "tiered": (Variant(policy="tiered", profile="estimate"), 50, False),
+    "continuum-slow": (Variant(policy="continuum", profile="slow"), 50, True),
+    "static-ttl": (Variant(policy="static-ttl"), 50, True),
 }
 
 
@@ -48,7 +50,7 @@ def base_setup(tiny_model_dir) -> Iterator[FuzzSetup]:
         yield FuzzSetup.build(tiny_model_dir, Variant())
 
 
-def run_fuzz(setup: FuzzSetup, sequences: int = SEQUENCES) -> None:
+def run_fuzz(setup: FuzzSetup, sequences: int) -> None:
     with quiet_logs():
         run_state_machine_as_test(
             setup.machine(),
@@ -68,24 +70,24 @@ def run_fuzz(setup: FuzzSetup, sequences: int = SEQUENCES) -> None:
         )
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_fuzz_holds_every_invariant(base_setup, name):
-    variant, must_pin = VARIANTS[name]
+    variant, sequences, must_pin = VARIANTS[name]
     setup = base_setup.derive(variant)
-    run_fuzz(setup)
+    run_fuzz(setup, sequences)
     stats = setup.stats
     # Or the fuzz would prove nothing: the sequences pinned, handed pins over to the next
     # turn, released them under pressure and at expiry, preempted, aborted and reset.
-    assert stats.sequences >= SEQUENCES, stats.summary()
+    assert stats.sequences >= sequences, stats.summary()
     assert stats.preemptions > 0 and stats.aborts > 0 and stats.resets_ok > 0, stats.summary()
     if must_pin:
-        assert stats.sequences_with_pins >= SEQUENCES // 4, stats.summary()
+        assert stats.sequences_with_pins >= sequences // 4, stats.summary()
         assert stats.pin_handovers > 0 and stats.pinned_prefix_hit_tokens > 0, stats.summary()
         assert stats.pressure_releases > 0 and stats.expirations > 0, stats.summary()
 
 
 # ---------------------------------------------------------------------------------------
-# Defects the fuzz found before 7fe118e, one minimal sequence each.
+# Defects the fuzz found in the connector of 1e0cb61, one minimal sequence each.
 
 
 @pytest.fixture
@@ -164,4 +166,24 @@ def test_waiting_turn_gets_room_from_other_programs_pins(tiered):
     # A's next turn diverges (10 blocks, nothing shared): releasing B's pin would admit it.
     a1 = d.add_request("A-1", tokens(3, 320), 1, clock.now, kv_transfer_params=hints("A", 1))
     finish(d, clock, a1, max_steps=5)
+    assert_pins_expire_and_nothing_leaks(d, clock)
+
+
+def test_running_request_grows_before_a_newcomer_takes_the_freed_blocks(tiered):
+    d, clock = tiered
+    a0 = d.add_request("A-0", tokens(1, 320), 1, clock.now, kv_transfer_params=hints("A", 0))
+    finish(d, clock, a0)
+    assert d.block_pool.get_num_free_blocks() == 29  # A's pin holds 10 blocks
+    r = d.add_request("R", tokens(2, 928), 8, clock.now)  # 29 blocks: all the rest
+    steps(d, clock, 2)
+    assert r.num_computed_tokens == 928  # R's next token needs a 30th block: A's pin's
+    # (1e0cb61 kept the pin until then; 7fe118e releases it at the end of this step).
+    w = d.add_request("W", tokens(3, 64), 1, clock.now)
+    out = d.step().scheduler_output
+    clock.now += STEP_S
+    # 1e0cb61: has_pending_block_frees released the pin and left R out of the step, and
+    # the freed blocks went to W. vLLM alone would never skip a running request.
+    assert "R" in out.num_scheduled_tokens, dict(out.num_scheduled_tokens)
+    finish(d, clock, r)
+    finish(d, clock, w)
     assert_pins_expire_and_nothing_leaks(d, clock)

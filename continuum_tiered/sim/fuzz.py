@@ -23,6 +23,9 @@ After every rule and every engine step it checks:
   ``STALL_SLACK``; beyond that a waiting request is kept out by pins (admission deadlock) or
   running requests cannot grow. When only the waiting request's own program's pin stands
   in its way, the violation is ``own-pin-deadlock`` (a pin kept because its program waits);
+- ``running-starved``: no step leaves a running request out (not preempted) while it
+  admits a waiting or preempted one: blocks freed for the running batch must not go to
+  newcomers (vLLM alone would preempt instead);
 - ``reset``: ``reset_prefix_cache()`` succeeds when no request holds blocks, and with
   ``reset_running_requests=True`` it does not raise; ``reset-pin``: after a successful reset
   no pin is left and every block is free.
@@ -157,6 +160,7 @@ VIOLATIONS: dict[str, type[InvariantViolation]] = {
         _violation("handover", "a pin of a program whose next turn is running"),
         _violation("stall", "the engine stopped making progress with requests unfinished"),
         _violation("own-pin-deadlock", "a request waits forever behind its own program's pin"),
+        _violation("running-starved", "a running request was left out while one was admitted"),
         _violation("drain", "requests did not finish within the bound at teardown"),
         _violation("reset", "reset_prefix_cache failed or raised with only pins holding blocks"),
         _violation("reset-pin", "a pin or a used block survived a successful reset"),
@@ -507,6 +511,7 @@ class SchedulerFuzz(RuleBasedStateMachine):
         """One engine step, then the per-step invariants."""
         assert self.driver is not None
         t_sched = self.clock.now
+        running_before = [r.request_id for r in self.driver.scheduler.running]
         self.pending_steps += 1
         try:
             result = self.driver.step()
@@ -519,7 +524,30 @@ class SchedulerFuzz(RuleBasedStateMachine):
             self._finished(request_id)
         self._check_refcounts()
         self._check_pins_after_step(t_sched)
+        self._check_running_not_starved(result.scheduler_output, running_before)
         self._check_progress(bool(result.scheduler_output.num_scheduled_tokens))
+
+    def _check_running_not_starved(self, out: Any, running_before: list[str]) -> None:
+        """A running request left out of a step (not preempted, still running) while a
+        request was admitted: the blocks freed for the running batch went to a newcomer.
+        vLLM alone never does that (a running request that cannot grow preempts one);
+        only a connector answering ``has_pending_block_frees`` can make it."""
+        admitted = [n.req_id for n in out.scheduled_new_reqs]
+        admitted += sorted(out.scheduled_cached_reqs.resumed_req_ids)
+        if not admitted:
+            return
+        skipped = [
+            request_id
+            for request_id in running_before
+            if request_id not in out.num_scheduled_tokens
+            and self.requests[request_id].request.status == RequestStatus.RUNNING
+        ]
+        if skipped:
+            self._fail(
+                "running-starved",
+                f"running {skipped} got no tokens in a step that admitted {admitted}; "
+                + self._describe(),
+            )
 
     def _finished(self, request_id: str) -> None:
         model = self.unfinished.pop(request_id, None)
@@ -656,9 +684,13 @@ class SchedulerFuzz(RuleBasedStateMachine):
                 break
             hits.append(found[0])
         hit_tokens = len(hits) * BLOCK
-        first_chunk = min(request.num_tokens - hit_tokens, MAX_BATCHED_TOKENS)
+        # vLLM admits a request only when its first chunk fits and, with
+        # scheduler_reserve_full_isl (the default), its whole prompt.
+        tokens_to_fit = min(request.num_tokens, hit_tokens + MAX_BATCHED_TOKENS)
+        if getattr(sched, "scheduler_reserve_full_isl", False):
+            tokens_to_fit = request.num_tokens
         need = (
-            math.ceil((hit_tokens + first_chunk) / BLOCK)
+            math.ceil(tokens_to_fit / BLOCK)
             - len(hits)
             + sum(1 for b in hits if b.ref_cnt == 0)  # cached but free: taken from the pool
         )
@@ -680,7 +712,7 @@ class SchedulerFuzz(RuleBasedStateMachine):
         by_others = len(pinned_only) - by_own
         free = pool.get_num_free_blocks()
         why = (
-            f"{request.request_id} needs {need} blocks for its first chunk ({len(hits)} "
+            f"{request.request_id} needs {need} blocks to be admitted ({len(hits)} "
             f"blocks hit), {free} free, {by_others} held only by other programs' pins, "
             f"{by_own} only by its own program's pin"
         )
