@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -354,42 +355,70 @@ def test_disk_tier_is_written_and_removed_at_shutdown(runs, disk_root):
     assert "continuum-tiered: removed the disk tier" in runs["log"]  # our INFO lines show
 
 
-def test_failed_disk_write_leaves_no_trace_in_lmcache(tmp_path):
-    """LMCache's disk backend on a filesystem with room for one and a half chunks: the second
-    write fails with ENOSPC, and LMCache's bookkeeping is as if it had not been tried (no
-    size counted, memory object released, no put task, no partial file); with room again,
-    the same chunk is written."""
-    import torch
-    from lmcache.utils import CacheEngineKey
+@contextlib.contextmanager
+def disk_backend(path: Path, max_gib: float = 1) -> Iterator[Any]:
+    """LMCache's real disk backend on ``path``, with the event loop it writes from."""
     from lmcache.v1.config import LMCacheEngineConfig
-    from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
     from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
-
-    chunk_bytes = 128 * 1024
-
-    def chunk(i: int) -> tuple[CacheEngineKey, TensorMemoryObj]:
-        shape = torch.Size([chunk_bytes])
-        meta = MemoryObjMetadata(shape, torch.uint8, 0, chunk_bytes, 1, fmt=MemoryFormat.KV_2LTD)
-        memory = TensorMemoryObj(torch.full(shape, i, dtype=torch.uint8), meta, None)
-        return CacheEngineKey("tiny", 1, 0, i, torch.uint8), memory
-
-    def written(backend: LocalDiskBackend) -> None:
-        deadline = time.monotonic() + 10
-        while backend.disk_worker.put_tasks and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     assert guard_disk_writes()
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
     loop_thread.start()
+    config = LMCacheEngineConfig.from_dict(
+        {"local_cpu": True, "local_disk": f"file://{path}", "max_local_disk_size": max_gib}
+    )
+    backend = LocalDiskBackend(config, loop, local_cpu_backend=None)
+    try:
+        yield backend
+    finally:
+        backend.close()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join()
+
+
+def disk_chunk(i: int, chunk_bytes: int = 128 * 1024) -> tuple[Any, Any]:
+    import torch
+    from lmcache.utils import CacheEngineKey
+    from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
+
+    shape = torch.Size([chunk_bytes])
+    meta = MemoryObjMetadata(shape, torch.uint8, 0, chunk_bytes, 1, fmt=MemoryFormat.KV_2LTD)
+    memory = TensorMemoryObj(torch.full(shape, i, dtype=torch.uint8), meta, None)
+    return CacheEngineKey("tiny", 1, 0, i, torch.uint8), memory
+
+
+def written(backend: Any) -> None:
+    deadline = time.monotonic() + 10
+    while backend.disk_worker.put_tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_disk_tier_whose_directory_was_removed_stores_again(tmp_path):
+    """``rm -rf`` of the tier's directory under a running server: the first write after it
+    fails and is undone, and the directory is made again, so the next chunk is stored."""
+    with disk_backend(tmp_path / "chunks") as backend:
+        first, second = disk_chunk(0), disk_chunk(1)
+        shutil.rmtree(tmp_path / "chunks")
+        backend.submit_put_task(*first)
+        written(backend)
+        assert first[0] not in backend.dict and backend.usage == 0
+        backend.submit_put_task(*second)
+        written(backend)
+        assert list(backend.dict) == [second[0]]
+        assert Path(backend._key_to_path(second[0])).exists()
+
+
+def test_failed_disk_write_leaves_no_trace_in_lmcache(tmp_path):
+    """LMCache's disk backend on a filesystem with room for one and a half chunks: the second
+    write fails with ENOSPC, and LMCache's bookkeeping is as if it had not been tried (no
+    size counted, memory object released, no put task, no partial file); with room again,
+    the same chunk is written."""
+    chunk_bytes = 128 * 1024
     with tmpfs(tmp_path, "256k") as root:
         (root / "filler").write_bytes(bytes(64 * 1024))
-        config = LMCacheEngineConfig.from_dict(
-            {"local_cpu": True, "local_disk": f"file://{root}/chunks", "max_local_disk_size": 1}
-        )
-        backend = LocalDiskBackend(config, loop, local_cpu_backend=None)
-        try:
-            chunks = [chunk(0), chunk(1)]
+        with disk_backend(root / "chunks") as backend:
+            chunks = [disk_chunk(0, chunk_bytes), disk_chunk(1, chunk_bytes)]
             for key, memory in chunks:  # one at a time: the disk worker writes in parallel
                 backend.submit_put_task(key, memory)
                 written(backend)
@@ -404,7 +433,3 @@ def test_failed_disk_write_leaves_no_trace_in_lmcache(tmp_path):
             backend.submit_put_task(*chunks[1])
             written(backend)
             assert list(backend.dict) == [key for key, _ in chunks]
-        finally:
-            backend.close()
-            loop.call_soon_threadsafe(loop.stop)
-            loop_thread.join()

@@ -184,6 +184,11 @@ def _undoing_failed_writes(save: Callable[..., None]) -> Callable[..., None]:
             save(backend, key, memory_obj, on_complete_callback)
         except OSError as error:  # only write_file does I/O, after usage was raised
             _undo_failed_write(backend, key, memory_obj)
+            if isinstance(error, FileNotFoundError):
+                # The tier's directory was removed under it: LMCache creates it only at
+                # start, so make it again for the next chunk, or the tier stays dead.
+                with contextlib.suppress(OSError):
+                    os.makedirs(backend.path, exist_ok=True)
             # One warning per run of failures: on a full disk every chunk's write fails.
             if not getattr(backend, "_continuum_write_failing", False):
                 logger.warning(
