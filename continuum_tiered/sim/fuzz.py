@@ -233,7 +233,7 @@ class FuzzStats:
             f"pins, {self.pressure_releases} pressure releases, {self.expirations} "
             f"expirations); {self.preemptions} preemptions, {self.aborts} aborts, "
             f"{self.resets_ok} successful resets"
-            + (f"; tolerated known defects: {tolerated}" if tolerated else "")
+            + (f"; tolerated violations: {tolerated}" if tolerated else "")
         )
 
 
