@@ -78,6 +78,8 @@ class ServeOptions:
         }
 
     def vllm_flags(self) -> list[str]:
+        """vLLM's flags, without the model: each command puts it where that command reads
+        it (see :func:`vllm_server_command`)."""
         for arg in self.vllm_args:
             if arg.split("=", 1)[0] in OWNED_FLAGS:
                 raise ServeError(
@@ -86,8 +88,6 @@ class ServeOptions:
                     "or run plain `vllm serve`"
                 )
         flags = [
-            "--model",
-            self.model,
             "--kv-transfer-config",
             json.dumps(self.connector_config(), separators=(",", ":")),
             "--middleware",
@@ -133,15 +133,29 @@ def cpu_core_reservation(vllm_args: list[str]) -> dict[str, str]:
     return {RESERVED_CPU_ENV: "1"}
 
 
-def vllm_server_command() -> list[str]:
-    """How to start vLLM's OpenAI server here.
+# The module behind the ``vllm`` console script (``from vllm.entrypoints.cli.main import
+# main``); run with this interpreter, it needs no ``vllm`` on PATH (no activated venv).
+VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
+# The OpenAI server module, which parses the same flags as ``vllm serve``.
+VLLM_API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
-    The ``vllm`` CLI reads its own version from the ``vllm`` distribution, which the CPU
-    build does not provide, so there the server module runs directly; same flags.
+
+def vllm_server_command(model: str) -> list[str]:
+    """How to start vLLM's OpenAI server for ``model`` here, with this interpreter.
+
+    ``vllm serve`` takes the model positionally (``--model`` is deprecated there). The
+    ``vllm`` CLI reads its own version from the ``vllm`` distribution, which the CPU build
+    does not provide, so there the server module runs directly; same flags, but that module
+    ignores a positional model (its parser accepts one and drops it), so it gets ``--model``.
     """
     if is_cpu_build():
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    return ["vllm", "serve"]
+        return [sys.executable, "-m", VLLM_API_SERVER_MODULE, "--model", model]
+    return [sys.executable, "-m", VLLM_CLI_MODULE, "serve", model]
+
+
+def plain_vllm_serve_command(model: str, flags: list[str], env: dict[str, str]) -> list[str]:
+    """The same server as a ``vllm serve`` command line, for a user to read or paste."""
+    return [f"{k}={v}" for k, v in env.items()] + ["vllm", "serve", model, *flags]
 
 
 def parse_tiers(spec: str | None, layerwise: bool) -> Tiers | None:
@@ -241,10 +255,20 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
     if options.tiers is not None:
         options.tiers.check()
     env = cpu_core_reservation(passthrough)
-    plain = [f"{k}={v}" for k, v in env.items()] + ["vllm", "serve", *flags]
-    print("Equivalent plain command:\n  " + shlex.join(plain), flush=True)
+    command = [*vllm_server_command(options.model), *flags]
+    runs = [f"{k}={v}" for k, v in env.items()] + command
+    print(
+        ("Would run" if args.dry_run else "Running")
+        + " (this interpreter, no `vllm` from PATH needed):\n  "
+        + shlex.join(runs),
+        flush=True,
+    )
+    plain = "Equivalent plain `vllm serve` command"
+    if is_cpu_build():
+        plain += " (vLLM's CPU build has no working `vllm` CLI: use the line above)"
+    print(f"{plain}:\n  " + shlex.join(plain_vllm_serve_command(options.model, flags, env)))
     if args.dry_run:
         return 0
-    command = [*vllm_server_command(), *flags]
-    os.execvpe(command[0], command, {**os.environ, **env})
+    sys.stdout.flush()
+    os.execve(command[0], command, {**os.environ, **env})
     return 0  # not reached: exec replaces this process

@@ -1,0 +1,108 @@
+"""``continuum-tiered serve`` runs vLLM with its own interpreter, the model positional."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from itertools import dropwhile
+from pathlib import Path
+
+import pytest
+
+from continuum_tiered import serve
+from continuum_tiered.cli import main
+from continuum_tiered.serve import (
+    VLLM_API_SERVER_MODULE,
+    VLLM_CLI_MODULE,
+    ServeOptions,
+    vllm_server_command,
+)
+
+ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+class Exec(Exception):
+    """Raised by the stand-in for ``os.execve``: the command serve would have run."""
+
+
+def capture_exec(monkeypatch) -> list[list[str]]:
+    calls: list[list[str]] = []
+
+    def execve(path, argv, env):
+        calls.append([path, *argv])
+        raise Exec
+
+    monkeypatch.setattr(serve.os, "execve", execve)
+    return calls
+
+
+def test_the_vllm_console_script_runs_the_cli_module_that_serve_runs():
+    scripts = importlib.metadata.entry_points(group="console_scripts", name="vllm")
+    assert [script.value for script in scripts] == [f"{VLLM_CLI_MODULE}:main"]
+    for module in (VLLM_CLI_MODULE, VLLM_API_SERVER_MODULE):
+        assert importlib.util.find_spec(module) is not None
+
+
+def test_serve_on_the_cuda_build_runs_vllm_serve_with_this_interpreter(monkeypatch, capsys):
+    monkeypatch.setattr(serve, "is_cpu_build", lambda: False)
+    assert vllm_server_command("org/m") == [sys.executable, "-m", VLLM_CLI_MODULE, "serve", "org/m"]
+    calls = capture_exec(monkeypatch)
+    with pytest.raises(Exec):
+        main(["serve", "org/m", "--port", "8001"])
+    ((path, *argv),) = calls
+    assert path == sys.executable
+    assert argv[:5] == [sys.executable, "-m", VLLM_CLI_MODULE, "serve", "org/m"]
+    assert "--model" not in argv  # deprecated for `vllm serve`: the model is positional
+    assert argv[-2:] == ["--port", "8001"]
+    out = capsys.readouterr().out
+    assert "Running (this interpreter" in out
+    plain = shlex.split(out.splitlines()[-1])
+    assert plain[:3] == ["vllm", "serve", "org/m"] and "--model" not in plain
+
+
+def test_serve_on_the_cpu_build_runs_the_server_module_which_needs_model_flag(monkeypatch):
+    """The server module parses a positional model but drops it; it reads only --model."""
+    monkeypatch.setattr(serve, "is_cpu_build", lambda: True)
+    command = vllm_server_command("org/m")
+    assert command == [sys.executable, "-m", VLLM_API_SERVER_MODULE, "--model", "org/m"]
+    calls = capture_exec(monkeypatch)
+    with pytest.raises(Exec):
+        main(["serve", "org/m"])
+    assert calls[0][0] == sys.executable and calls[0][1:6] == command
+
+
+def test_flags_leave_the_model_to_the_command():
+    flags = ServeOptions(model="org/m").vllm_flags()
+    assert "--model" not in flags and "org/m" not in flags
+
+
+def test_serve_dry_run_works_without_the_venv_on_path(tmp_path):
+    script = Path(sys.executable).parent / "continuum-tiered"
+    if not script.exists():
+        pytest.skip(f"no {script}: the package is not installed in this interpreter's env")
+    path = os.pathsep.join(
+        d for d in os.defpath.split(os.pathsep) if d and Path(d) != script.parent
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = path
+    done = subprocess.run(
+        [str(script), "serve", "org/m", "--dry-run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("Would run"))
+    argv = list(dropwhile(ENV_ASSIGNMENT.match, shlex.split(lines[heading + 1])))
+    interpreter = Path(argv[0])
+    assert interpreter.is_absolute() and os.access(interpreter, os.X_OK)
+    assert interpreter.parent == script.parent  # the venv's own python, not one from PATH
+    assert argv[1] == "-m" and argv[2] in (VLLM_CLI_MODULE, VLLM_API_SERVER_MODULE)
