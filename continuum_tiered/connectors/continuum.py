@@ -300,9 +300,15 @@ class ContinuumConnector(SchedulerOnlyConnector):
     # --------------------------------------------------------------- internals
 
     def _hints_of(self, request: Request) -> ProgramHints | None:
-        """Hints of a request; malformed ones are logged and ignored, never raised."""
+        """Hints of a request from any source ``parse_hints`` reads (ours, ``kv_hints``,
+        ``vllm_xargs``); malformed ones are logged and ignored, never raised."""
         try:
-            return parse_hints(request.kv_transfer_params)
+            params = request.sampling_params
+            return parse_hints(
+                request.kv_transfer_params,
+                kv_hints=getattr(request, "kv_hints", None),  # vLLM >= 0.32
+                extra_args=params.extra_args if params is not None else None,
+            )
         except HintError as err:
             self._counters["hints_rejected"] += 1
             logger.warning("request %s: ignoring its hints: %s", request.request_id, err)
