@@ -95,6 +95,16 @@ def parse_hints(
     return hints
 
 
+def request_hints(request: Any) -> ProgramHints | None:
+    """The hints of a vLLM ``Request``, from every source, in precedence order."""
+    params = request.sampling_params
+    return parse_hints(
+        request.kv_transfer_params,
+        kv_hints=getattr(request, "kv_hints", None),  # vLLM >= 0.32
+        extra_args=params.extra_args if params is not None else None,
+    )
+
+
 def _parse_transfer_params(kv_transfer_params: object) -> ProgramHints | None:
     if kv_transfer_params is None:
         return None

@@ -21,8 +21,13 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from continuum_tiered.hints import HintError, parse_hints
-from continuum_tiered.request_body import BodyError, bad_request_body, load_json_object
+from continuum_tiered.hints import HintError
+from continuum_tiered.request_body import (
+    BodyError,
+    bad_request_body,
+    check_body_hints,
+    load_json_object,
+)
 from continuum_tiered.tenancy import api_key_scope, scope_hints
 
 Scope = MutableMapping[str, Any]
@@ -46,7 +51,7 @@ class HintValidationMiddleware:
         try:
             payload = load_json_object(body)
             if payload is not None:
-                parse_hints(payload.get("kv_transfer_params"))
+                check_body_hints(payload)
         except (BodyError, HintError) as error:
             await _send_bad_request(send, error)
             return

@@ -21,7 +21,7 @@ import json
 import math
 import sys
 
-from continuum_tiered.hints import HintError, parse_hints
+from continuum_tiered.hints import XARGS_PREFIX, HintError, parse_hints
 
 MAX_JSON_DEPTH = 128
 
@@ -98,6 +98,12 @@ def _too_deep() -> BodyError:
     return BodyError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
 
 
+def check_body_hints(payload: dict[str, object]) -> None:
+    """Raise :class:`HintError` for malformed hints in any source of a body the connector
+    reads: ours (``kv_transfer_params``) and the Continuum plugin's (``vllm_xargs``)."""
+    parse_hints(payload.get("kv_transfer_params"), extra_args=payload.get("vllm_xargs"))
+
+
 def request_error(body: bytes) -> BodyError | HintError | None:
     """What is wrong with a request body, for an HTTP 400; None when nothing is for us to say."""
     try:
@@ -107,7 +113,7 @@ def request_error(body: bytes) -> BodyError | HintError | None:
     if payload is None:
         return None
     try:
-        parse_hints(payload.get("kv_transfer_params"))
+        check_body_hints(payload)
     except HintError as err:
         return err
     return None
@@ -118,7 +124,9 @@ def error_param(error: BodyError | HintError) -> str | None:
     if isinstance(error, BodyError):
         return error.param
     param = error.field
-    return param if param.startswith("kv_transfer_params") else f"kv_transfer_params.{param}"
+    if param.startswith(("kv_transfer_params", XARGS_PREFIX)):
+        return param
+    return f"kv_transfer_params.{param}"
 
 
 def error_message(error: BodyError | HintError) -> str:

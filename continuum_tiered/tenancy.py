@@ -3,7 +3,8 @@
 A pin belongs to a program id, and any client that names the id can end the program
 (``last_turn``) or hand its pin to a request of its own. With scoping on, the server's
 middleware (:class:`continuum_tiered.middleware.ProgramScopeMiddleware`) and the proxy
-rewrite every ``kv_transfer_params.continuum.program_id`` to ``SCOPE:ID``, where ``SCOPE``
+rewrite every ``kv_transfer_params.continuum.program_id`` (and the Continuum plugin's
+``vllm_xargs.job_id``) to ``SCOPE:ID``, where ``SCOPE``
 is the first 16 hex digits of the SHA-256 of the request's API key (``Authorization:
 Bearer KEY``), or ``anonymous`` for a request without one. Ids of different keys never
 collide, and no log line shows a key. ``SCOPE:ID`` longer than the hints allow becomes
@@ -57,15 +58,30 @@ def scoped_program_id(scope: str, program_id: str) -> str:
 
 
 def scope_hints(payload: dict[str, object], scope: str) -> bool:
-    """Rewrite the body's hint ``program_id`` into ``scope``, in place; whether there was one.
+    """Rewrite the body's hint program ids into ``scope``, in place: ours
+    (``kv_transfer_params.continuum.program_id``) and the Continuum plugin's
+    (``vllm_xargs.job_id``), which the connector reads too; whether there was one.
 
     The hints must have been checked already (:func:`continuum_tiered.hints.parse_hints`).
     """
+    scoped = scope_xargs(payload, scope)
     params = payload.get("kv_transfer_params")
     if not isinstance(params, dict):
-        return False
+        return scoped
     hints = params.get(HINTS_KEY)
     if not isinstance(hints, dict) or not isinstance(hints.get("program_id"), str):
-        return False
+        return scoped
     hints["program_id"] = scoped_program_id(scope, hints["program_id"])
+    return True
+
+
+def scope_xargs(payload: dict[str, object], scope: str) -> bool:
+    """Rewrite ``vllm_xargs.job_id`` into ``scope``, in place; whether there was one."""
+    xargs = payload.get("vllm_xargs")
+    if not isinstance(xargs, dict):
+        return False
+    job_id = xargs.get("job_id")
+    if not isinstance(job_id, str | int) or isinstance(job_id, bool):
+        return False
+    xargs["job_id"] = scoped_program_id(scope, str(job_id))
     return True

@@ -217,3 +217,21 @@ def test_serve_prints_the_middleware_that_vllm_will_import(flags, middleware, ca
     path = command[command.index("--middleware") + 1]
     module, _, name = path.rpartition(".")
     assert getattr(importlib.import_module(module), name) is middleware
+
+
+def test_continuum_plugin_hints_are_checked_and_scoped_too(scoping, validating):
+    """The connector reads the Continuum plugin's ``vllm_xargs`` as well: without scoping
+    them, one key could end another's program with ``job_id`` + ``is_last_step``."""
+    body = json.dumps({"prompt": "hi", "vllm_xargs": {"job_id": "agent-1", "is_last_step": 1}})
+    seen = []
+    for key in ("key-A", "key-B"):
+        response = scoping.post(
+            "/v1/completions", content=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert response.status_code == 200, response.text
+        seen.append(json.loads(response.content)["vllm_xargs"]["job_id"])
+    assert seen[0] != seen[1] and all(s.endswith(":agent-1") for s in seen)
+    bad = json.dumps({"prompt": "hi", "vllm_xargs": {"job_id": ["x"]}}).encode()
+    response = validating.post("/v1/completions", content=bad)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "vllm_xargs.job_id"

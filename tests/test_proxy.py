@@ -186,6 +186,16 @@ def test_program_ids_found_by_the_proxy_are_scoped_per_api_key():
     assert all(i.endswith(":run-7") and "k1" not in i for i in ids)
 
 
+def test_continuum_plugin_job_ids_are_scoped_per_api_key():
+    programs = ProgramRegistry(idle_timeout_s=600)
+    body = {"prompt": "hi", "vllm_xargs": {"job_id": 7, "is_last_step": True}}
+    ids = [
+        rewrite(body, headers, programs, 1000.0, OPTIONS)["vllm_xargs"]["job_id"]
+        for headers in ({"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"})
+    ]
+    assert ids[0] != ids[1] and all(i.endswith(":7") for i in ids)
+
+
 def test_identities_that_no_hint_takes_are_hashed():
     surrogate = program_identity(Headers({}), {"user": "\ud800x"}, HEADER)
     assert surrogate is not None and len(surrogate) == 64

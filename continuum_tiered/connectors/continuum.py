@@ -41,7 +41,7 @@ from continuum_tiered.connectors.demand import BlockDemand
 from continuum_tiered.connectors.reply_tools import ReplyToolParser
 from continuum_tiered.connectors.scheduler_only import SchedulerOnlyConnector
 from continuum_tiered.connectors.stats import ContinuumPromMetrics, ContinuumStats, ToolLabels
-from continuum_tiered.hints import HintError, ProgramHints, parse_hints
+from continuum_tiered.hints import HintError, ProgramHints, request_hints
 from continuum_tiered.pins import Pin, PinTable, ReleaseReason
 from continuum_tiered.policies.base import TurnEnd
 from continuum_tiered.programs import ProgramTable
@@ -300,15 +300,10 @@ class ContinuumConnector(SchedulerOnlyConnector):
     # --------------------------------------------------------------- internals
 
     def _hints_of(self, request: Request) -> ProgramHints | None:
-        """Hints of a request from any source ``parse_hints`` reads (ours, ``kv_hints``,
-        ``vllm_xargs``); malformed ones are logged and ignored, never raised."""
+        """Hints of a request (``request_hints``); malformed ones are logged and ignored,
+        never raised."""
         try:
-            params = request.sampling_params
-            return parse_hints(
-                request.kv_transfer_params,
-                kv_hints=getattr(request, "kv_hints", None),  # vLLM >= 0.32
-                extra_args=params.extra_args if params is not None else None,
-            )
+            return request_hints(request)
         except HintError as err:
             self._counters["hints_rejected"] += 1
             logger.warning("request %s: ignoring its hints: %s", request.request_id, err)

@@ -53,7 +53,7 @@ from continuum_tiered.connectors.stats import (
     ContinuumStats,
     prefix_counter,
 )
-from continuum_tiered.hints import HintError, parse_hints
+from continuum_tiered.hints import HintError, request_hints
 from continuum_tiered.lmcache_shadow import TIER_ORDER, LoadCost, TierStore
 from continuum_tiered.tiers import lmcache_tier_bytes
 
@@ -322,7 +322,7 @@ def _already_written_through(request: Request) -> None:
 
 def _is_returning_turn(request: Request) -> bool:
     try:
-        hints = parse_hints(request.kv_transfer_params)
+        hints = request_hints(request)
     except HintError:
         return False
     return hints is not None and hints.turn > 0

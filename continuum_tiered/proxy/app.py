@@ -49,7 +49,7 @@ from continuum_tiered.proxy.programs import (
     program_identity,
 )
 from continuum_tiered.request_body import BodyError, bad_request_body, load_json_object
-from continuum_tiered.tenancy import api_key_scope, scoped_program_id
+from continuum_tiered.tenancy import api_key_scope, scope_xargs, scoped_program_id
 
 REWRITTEN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -127,6 +127,8 @@ def add_program_fields(
         hints = ProgramHints(program_id, turn, last_turn=last_turn)
         payload["kv_transfer_params"] = {**(params or {}), **hints.to_params()}
         changed = True
+    if scope is not None and scope_xargs(payload, scope):
+        changed = True  # the Continuum plugin's hints name programs too
     # Other paths get a priority only in place of the client's: not every one takes it.
     if not keep_priority and (completion or "priority" in payload):
         arrival_s = now_s if first_arrival_s is None else first_arrival_s
