@@ -54,13 +54,21 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(
-        cls, config: dict[str, object], dtype_bytes: int = 2, name: str | None = None
+        cls,
+        config: dict[str, object],
+        dtype_bytes: int = 2,
+        name: str | None = None,
+        strict: bool = False,
     ) -> ModelShape:
         """Read the shape from a Hugging Face ``config.json`` (its ``text_config`` if nested),
         under any family's field names (:mod:`continuum_tiered.model_dims`); a field that no
-        name is found for is assumed, with a warning naming it and the value."""
+        name is found for is assumed, with a warning naming it and the value. ``strict``
+        (the profiler, which builds the model) raises :class:`ProfileError` instead."""
         name = name or config_name(config)
         dims = attention_dims(config, name)
+        if strict and dims.assumed:
+            missing = ", ".join(repr(field) for field in dims.assumed)
+            raise ProfileError(f"HF config is missing {missing}")
         return cls(
             name=name,
             num_layers=dims.num_layers,

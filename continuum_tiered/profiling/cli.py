@@ -121,7 +121,7 @@ def job_from_args(args: argparse.Namespace) -> ProfileJob:
     dtype_bytes = compute.DTYPES[args.dtype].itemsize
     name = config.get("_name_or_path") or config_path.parent.resolve().name
     try:
-        shape = ModelShape.from_hf_config(config, dtype_bytes, name=str(name))
+        shape = ModelShape.from_hf_config(config, dtype_bytes, name=str(name), strict=True)
         hf_config = compute.transformers_config(config)
     except (ProfileError, ProfilingError) as exc:
         raise ProfilingError(f"{config_path}: {exc}") from exc
