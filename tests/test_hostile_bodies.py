@@ -97,22 +97,23 @@ def check(response: httpx.Response, sent: bytes, expected: str) -> None:
         assert error["code"] == 400 and error["type"] == "BadRequestError"
 
 
-@pytest.fixture(scope="module")
-def validating() -> Iterator[httpx.Client]:
+def client_of(middleware: type) -> Iterator[httpx.Client]:
+    """A client of ``middleware`` wrapping the echo app, served by uvicorn in a thread."""
     with (
-        serve_in_thread(HintValidationMiddleware(echo_app), lifespan="off") as url,
+        serve_in_thread(middleware(echo_app), lifespan="off") as url,
         httpx.Client(base_url=url, timeout=60) as client,
     ):
         yield client
+
+
+@pytest.fixture(scope="module")
+def validating() -> Iterator[httpx.Client]:
+    yield from client_of(HintValidationMiddleware)
 
 
 @pytest.fixture(scope="module")
 def scoping() -> Iterator[httpx.Client]:
-    with (
-        serve_in_thread(ProgramScopeMiddleware(echo_app), lifespan="off") as url,
-        httpx.Client(base_url=url, timeout=60) as client,
-    ):
-        yield client
+    yield from client_of(ProgramScopeMiddleware)
 
 
 @pytest.mark.parametrize("name", HOSTILE)
