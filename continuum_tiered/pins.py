@@ -170,7 +170,7 @@ class PinTable:
         if first is not None and (own := self._pins.get(first)) is not None:
             candidates.remove(own)
             candidates.insert(0, own)
-        holders = Counter(id(b) for pin in candidates for b in pin.blocks)
+        holders = self._holders(candidates)
         if all_or_nothing and shortfall() > self._freeable(candidates, holders, keep):
             return []
         released: list[Pin] = []
@@ -188,6 +188,11 @@ class PinTable:
         return self.release_for(lambda: free_blocks - self._pool.get_num_free_blocks())
 
     @staticmethod
+    def _holders(pins: Sequence[Pin]) -> Counter[int]:
+        """How many of ``pins`` hold each block (by identity)."""
+        return Counter(id(b) for pin in pins for b in pin.blocks)
+
+    @staticmethod
     def _freeable(pins: Sequence[Pin], holders: Counter[int], keep: AbstractSet[int]) -> int:
         """Distinct blocks of ``pins``, not in ``keep``, that only pins hold (``holders``
         counts the pins holding each block): what releasing those pins can free."""
@@ -198,8 +203,7 @@ class PinTable:
         """Whether releasing every pin would leave no block in use (but the null block):
         then a prefix-cache reset, which vLLM refuses while any block is held, succeeds."""
         pins = list(self._pins.values())
-        holders = Counter(id(b) for pin in pins for b in pin.blocks)
-        freeable = self._freeable(pins, holders, frozenset())
+        freeable = self._freeable(pins, self._holders(pins), frozenset())
         return self._pool.get_num_free_blocks() + freeable == self._pool.num_gpu_blocks - 1
 
     def release_all(self, reason: ReleaseReason) -> list[Pin]:
