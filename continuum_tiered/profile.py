@@ -1,11 +1,14 @@
 """The tier profile: measured (or estimated) costs that feed the TTL cost model.
 
 A profile names the model shape and device kind it was measured for, the bandwidth and
-latency of each KV tier below the GPU (CPU memory, disk), a quadratic fit of prefill
-time against context length and, optionally, a fit of decode step time against batch
-size and context length and, optionally, the same two fits of the serving engine's whole
-steps. It is stored as versioned JSON; loading validates every
-field and refuses a profile measured for another model shape or device kind.
+latency of each KV tier below the GPU (CPU memory, disk) with, optionally, its store
+bandwidth and its bandwidth under concurrent loads and stores, optionally the host's
+memory copy bandwidth, a quadratic fit of prefill time against context length and,
+optionally, a fit of decode step time against batch size and context length and,
+optionally, the same two fits of the serving engine's whole steps. ``provenance`` says,
+per figure, whether it was published, measured, assumed or derived. It is stored as
+versioned JSON; loading validates every field and refuses a profile measured for another
+model shape or device kind.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +27,7 @@ BUILTIN_DIR = Path(__file__).parent / "profiles"
 _DEFAULT_BY_DEVICE = {"cpu": "cpu-tiny-llama", "cuda": "h100-llama-3.1-8b"}
 _CHECK_MAX_TOKENS = 1_000_000
 _REFINEMENTS = 4  # the first round is the plain solve
+PROVENANCES = ("published", "measured", "assumed", "derived")
 _T = TypeVar("_T")
 
 
@@ -89,12 +93,55 @@ def prefill_increment(coeffs: tuple[float, float, float], offset: int, n: int) -
 
 @dataclass(frozen=True)
 class Tier:
+    """A KV tier below the GPU. ``bandwidth_bytes_per_s`` is the load direction (the one
+    that brings KV back: host->device for ``cpu``, disk->host for ``disk``)."""
+
     name: str
     bandwidth_bytes_per_s: float
     latency_s: float
+    # The store direction (device->host for cpu, host->disk for disk); None: as the load.
+    write_bandwidth_bytes_per_s: float | None = None
+    # Each direction's bandwidth while loads and stores run at once (cpu: concurrent
+    # host->device and device->host copies; disk: reads under a write load); None: no
+    # contention, each direction keeps its one-direction figure.
+    duplex_bandwidth_bytes_per_s: float | None = None
+
+    @property
+    def write_bandwidth(self) -> float:
+        if self.write_bandwidth_bytes_per_s is None:
+            return self.bandwidth_bytes_per_s
+        return self.write_bandwidth_bytes_per_s
+
+    @property
+    def duplex_bandwidth(self) -> float:
+        """The load direction's bandwidth while stores run too. Never above the
+        one-direction figure: a measured duplex figure can exceed it (another thread,
+        timing noise), but contention does not speed a transfer up."""
+        return _contended(self.bandwidth_bytes_per_s, self.duplex_bandwidth_bytes_per_s)
+
+    @property
+    def duplex_write_bandwidth(self) -> float:
+        """The store direction's bandwidth while loads run too."""
+        return _contended(self.write_bandwidth, self.duplex_bandwidth_bytes_per_s)
 
     def transfer_time(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
+    def write_time(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.write_bandwidth
+
+    def to_json(self) -> dict[str, float]:
+        """The tier's figures; the optional ones only when known (older files stay as they were)."""
+        data = {"bandwidth_bytes_per_s": self.bandwidth_bytes_per_s, "latency_s": self.latency_s}
+        if self.write_bandwidth_bytes_per_s is not None:
+            data["write_bandwidth_bytes_per_s"] = self.write_bandwidth_bytes_per_s
+        if self.duplex_bandwidth_bytes_per_s is not None:
+            data["duplex_bandwidth_bytes_per_s"] = self.duplex_bandwidth_bytes_per_s
+        return data
+
+
+def _contended(one_direction: float, duplex: float | None) -> float:
+    return one_direction if duplex is None else min(one_direction, duplex)
 
 
 @dataclass(frozen=True)
@@ -138,6 +185,26 @@ class TierProfile:
     # t = d0 + d1*batch + d2*batch*context seconds per decode step; None when not measured
     decode_coeffs: tuple[float, float, float] | None = None
     engine: EngineSteps | None = None  # None when not measured
+    # One thread's host memory copy bandwidth: what a buffered disk read or write costs
+    # the host. None when not known.
+    host_memcpy_bytes_per_s: float | None = None
+    # A figure's JSON path (see figure_paths) -> one of PROVENANCES; figures not named
+    # have no stated provenance (the source text may still say).
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def figure_paths(self) -> list[str]:
+        """The JSON paths of the figures this profile holds: what ``provenance`` can name."""
+        paths = [
+            f"tiers.{name}.{key}" for name, tier in self.tiers.items() for key in tier.to_json()
+        ]
+        if self.host_memcpy_bytes_per_s is not None:
+            paths.append("host_memcpy_bytes_per_s")
+        paths.append("prefill_coeffs")
+        if self.decode_coeffs is not None:
+            paths.append("decode_coeffs")
+        if self.engine is not None:
+            paths += [f"engine.{key}" for key in self.engine.to_json()]
+        return paths
 
     @property
     def serving_prefill_coeffs(self) -> tuple[float, float, float]:
@@ -185,10 +252,7 @@ class TierProfile:
             "version": self.version,
             "model": asdict(self.model),
             "device": self.device,
-            "tiers": {
-                name: {"bandwidth_bytes_per_s": t.bandwidth_bytes_per_s, "latency_s": t.latency_s}
-                for name, t in self.tiers.items()
-            },
+            "tiers": {name: t.to_json() for name, t in self.tiers.items()},
             "prefill_coeffs": list(self.prefill_coeffs),
             "source": self.source,
         }
@@ -196,6 +260,10 @@ class TierProfile:
             data["decode_coeffs"] = list(self.decode_coeffs)
         if self.engine is not None:
             data["engine"] = self.engine.to_json()
+        if self.host_memcpy_bytes_per_s is not None:
+            data["host_memcpy_bytes_per_s"] = self.host_memcpy_bytes_per_s
+        if self.provenance:
+            data["provenance"] = dict(self.provenance)
         return data
 
     def save(self, path: str | Path) -> None:
@@ -233,19 +301,11 @@ class TierProfile:
                 for key in ("num_layers", "num_kv_heads", "head_dim", "dtype_bytes")
             },
         )
-        tiers = {}
-        for name, raw in _get(root, "$", "tiers", _object).items():
-            t = _object(raw, f"$.tiers.{name}")
-            bandwidth = _get(t, f"$.tiers.{name}", "bandwidth_bytes_per_s", _number)
-            latency = _get(t, f"$.tiers.{name}", "latency_s", _number)
-            if bandwidth <= 0:
-                raise ProfileError(
-                    f"$.tiers.{name}.bandwidth_bytes_per_s: must be > 0, got {bandwidth}"
-                )
-            if latency < 0:
-                raise ProfileError(f"$.tiers.{name}.latency_s: must be >= 0, got {latency}")
-            tiers[name] = Tier(name, bandwidth, latency)
-        return cls(
+        tiers = {
+            name: _tier(name, _object(raw, f"$.tiers.{name}"))
+            for name, raw in _get(root, "$", "tiers", _object).items()
+        }
+        profile = cls(
             version=version,
             model=model,
             device=_get(root, "$", "device", _string),
@@ -254,7 +314,10 @@ class TierProfile:
             source=_get(root, "$", "source", _string),
             decode_coeffs=_decode_coeffs(root.get("decode_coeffs")),
             engine=_engine_steps(root.get("engine")),
+            host_memcpy_bytes_per_s=_optional_bandwidth(root, "$", "host_memcpy_bytes_per_s"),
         )
+        provenance = _provenance(root.get("provenance"), set(profile.figure_paths()))
+        return replace(profile, provenance=provenance)
 
     @classmethod
     def load(
@@ -326,6 +389,51 @@ def _number(value: object, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ProfileError(f"{path}: got {value!r}, expected a finite number")
     return float(value)
+
+
+def _tier(name: str, t: dict[str, object]) -> Tier:
+    path = f"$.tiers.{name}"
+    bandwidth = _get(t, path, "bandwidth_bytes_per_s", _number)
+    latency = _get(t, path, "latency_s", _number)
+    if bandwidth <= 0:
+        raise ProfileError(f"{path}.bandwidth_bytes_per_s: must be > 0, got {bandwidth}")
+    if latency < 0:
+        raise ProfileError(f"{path}.latency_s: must be >= 0, got {latency}")
+    return Tier(
+        name,
+        bandwidth,
+        latency,
+        _optional_bandwidth(t, path, "write_bandwidth_bytes_per_s"),
+        _optional_bandwidth(t, path, "duplex_bandwidth_bytes_per_s"),
+    )
+
+
+def _optional_bandwidth(obj: dict[str, object], path: str, key: str) -> float | None:
+    """Absent or null: not known. Else a finite number > 0."""
+    if obj.get(key) is None:
+        return None
+    value = _get(obj, path, key, _number)
+    if value <= 0:
+        raise ProfileError(f"{path}.{key}: must be > 0, got {value}")
+    return value
+
+
+def _provenance(raw: object, figures: set[str]) -> dict[str, str]:
+    """Optional: absent or null means none stated. Keys name figures the profile holds."""
+    if raw is None:
+        return {}
+    provenance = _object(raw, "$.provenance")
+    for key, value in provenance.items():
+        if key not in figures:
+            known = ", ".join(sorted(figures))
+            raise ProfileError(
+                f"$.provenance.{key}: names no figure of this profile; its figures: {known}"
+            )
+        if value not in PROVENANCES:
+            raise ProfileError(
+                f"$.provenance.{key}: got {value!r}, expected one of {', '.join(PROVENANCES)}"
+            )
+    return dict(provenance)
 
 
 def _prefill_coeffs(value: object, path: str) -> tuple[float, float, float]:
