@@ -125,6 +125,26 @@ class Engine:
             CPU_ENGINE_ENV,
         )
 
+    def with_kv_blocks(self, kv_blocks: int) -> Engine:
+        """This random-weight CPU engine (:meth:`random_cpu`) with a pool of ``kv_blocks``."""
+        return dataclasses.replace(
+            self, flags=tuple(tiny_engine_flags(Path(self.model), kv_blocks))
+        )
+
+
+def bound_kv_blocks(programs: Sequence[TraceProgram]) -> int:
+    """A pool for every program's final context at once, as the virtual replay's unlimited
+    pool (:func:`continuum_tiered.sim.replay.unlimited_blocks`) sizes it for the same
+    programs; its margin of one block per running request counts one per program, since a
+    program runs one turn at a time."""
+    # Imported here: the replay module loads vLLM's config machinery (seconds), which the
+    # demo's command line does not need.
+    from continuum_tiered.sim.deployment import Deployment
+    from continuum_tiered.sim.replay import unlimited_blocks
+
+    deployment = Deployment(block_size=BLOCK_SIZE, max_num_seqs=len(programs))
+    return unlimited_blocks(deployment, list(programs))
+
 
 def check_cpu_pool(
     kv_blocks: int, programs: Sequence[TraceProgram], shape: TinyLlamaShape = DEMO_SHAPE
@@ -224,6 +244,20 @@ class System:
 
 
 VLLM = System("vllm", vanilla(), send_hints=False)
+BOUND = "vllm-bound"
+
+
+def vllm_bound(kv_blocks: int) -> System:
+    """Vanilla vLLM on the random CPU model with a pool of ``kv_blocks`` (from
+    :func:`bound_kv_blocks`) instead of the experiment's: no prefix is ever evicted, the
+    real engine's bound on what keeping KV across tool calls can buy."""
+
+    def command(engine: Engine, scratch: Path) -> list[str]:
+        return vanilla()(engine.with_kv_blocks(kv_blocks), scratch)
+
+    return System(BOUND, command, send_hints=False)
+
+
 VLLM_LMCACHE = System("vllm+lmcache", vanilla_lmcache, send_hints=False)
 # The full system: the default policy (tiered) with LMCache's tiers.
 CONTINUUM_TIERED = System("continuum-tiered", plugin(tiers=True), send_hints=True)

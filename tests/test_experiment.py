@@ -28,6 +28,7 @@ from continuum_tiered.experiment import (
     Engine,
     Results,
     SystemRun,
+    bound_kv_blocks,
     other_vllm_servers,
     trace_programs,
     wait_for_quiet_machine,
@@ -40,6 +41,7 @@ from continuum_tiered.experiment_cli import (
 )
 from continuum_tiered.experiment_report import ratios_to_baseline, write_report
 from continuum_tiered.profile import load_named_profile
+from continuum_tiered.server import BLOCK_SIZE
 from continuum_tiered.tiers import Tiers
 
 ENGINE = Engine.random_cpu(Path("/models/tiny"), 64)
@@ -233,17 +235,41 @@ def test_demo_prints_its_table_and_plots(tmp_path: Path, capsys: pytest.CaptureF
     runs = {
         "vllm": fake_run("vllm", 1, [10.0, 12.0]),
         "continuum-tiered": fake_run("continuum-tiered", 1, [5.0, 6.0]),
+        "vllm-bound": fake_run("vllm-bound", 1, [4.0, 4.0]),
     }
     demo.print_tables(runs)
     out = capsys.readouterr().out
-    assert "JCT ours s" in out and "p1" in out
-    assert "avg_jct_s                   11.00       5.50       2.00" in out
+    assert "JCT ours s JCT bound s" in out and "p1" in out
+    assert "vLLM/ours ours/bound" in out
+    assert "avg_jct_s                   11.00       5.50       4.00       2.00       1.38" in out
     demo.print_repeats({name: [run, run] for name, run in runs.items()})
     out = capsys.readouterr().out
-    assert "  2          11.00           5.50      2.00  2.00-3.00, 2.00-3.00" in out
-    assert "median vLLM/ours over 2 runs: 2.00" in out
+    assert "  2                  11.00                   5.50                   4.00" in out
+    assert "2.00       1.38  2.00-3.00, 2.00-3.00, 2.00-3.00" in out
+    assert "median average-JCT vLLM/ours over 2 runs: 2.00" in out
+    assert "median average-JCT ours/bound over 2 runs: 1.38" in out
+    saved = demo.results_json({name: [run] for name, run in runs.items()}, {"vllm-bound": 9})
+    assert saved["jct_ratios"][0]["ours/bound"]["avg_jct_s"] == pytest.approx(5.5 / 4)
+    assert saved["jct_ratios"][0]["vLLM/ours"]["p95_jct_s"] > 1
+    assert list(saved["runs"]) == ["vllm", "continuum-tiered", "vllm-bound"]
     demo.plot(runs, tmp_path / "jct.png")
     assert (tmp_path / "jct.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_runs_the_bound_with_a_pool_for_every_final_context():
+    programs = trace_programs("swebench", 3, 2, 0.25, jps=2.0, seed=0)
+    blocks = bound_kv_blocks(programs)
+    final = sum(p.turns[-1].prompt_tokens + p.turns[-1].output_tokens for p in programs)
+    assert blocks * BLOCK_SIZE >= final + len(programs) * BLOCK_SIZE
+    systems = demo.demo_systems(tiers=True, bound_blocks=blocks)
+    assert [s.name for s in systems] == ["vllm", "continuum-tiered", "vllm-bound"]
+    assert [s.name for s in systems] == list(demo.NAMES)
+    vllm, ours, bound = (s.command(ENGINE, SCRATCH) for s in systems)
+    assert not systems[2].send_hints and "--kv-transfer-config" not in bound
+    assert option(vllm, "--num-gpu-blocks-override") == option(ours, "--num-gpu-blocks-override")
+    assert int(option(bound, "--num-gpu-blocks-override") or 0) == blocks
+    assert blocks > int(option(vllm, "--num-gpu-blocks-override") or 0)
+    assert option(bound, "--model") == option(vllm, "--model")
 
 
 def test_demo_without_tiers_is_the_plugin_alone_under_the_same_name():
