@@ -146,6 +146,35 @@ def _delete(keys: tuple[str, ...]):
         (_set(("prefill_coeffs",), [1.0, -2e-3, 1e-9]), r"negative at n = 1000000\b"),
         (_set(("prefill_coeffs",), [0.2, -2e-3, 1e-8]), r"negative at n = 100000\b"),
         (_set(("source",), 3), r"\$\.source"),
+        (
+            _set(("tiers", "cpu", "write_bandwidth_bytes_per_s"), 0.0),
+            r"\$\.tiers\.cpu\.write_bandwidth_bytes_per_s: must be > 0",
+        ),
+        (
+            _set(("tiers", "disk", "duplex_bandwidth_bytes_per_s"), float("inf")),
+            r"\$\.tiers\.disk\.duplex_bandwidth_bytes_per_s: got inf, expected a finite",
+        ),
+        (
+            _set(("tiers", "disk", "write_bandwidth_bytes_per_s"), "1e9"),
+            r"\$\.tiers\.disk\.write_bandwidth_bytes_per_s: got '1e9'",
+        ),
+        (_set(("host_memcpy_bytes_per_s",), -1e9), r"\$\.host_memcpy_bytes_per_s: must be > 0"),
+        (_set(("host_memcpy_bytes_per_s",), True), r"\$\.host_memcpy_bytes_per_s: got True"),
+        (_set(("provenance",), ["measured"]), r"\$\.provenance: got .*expected an object"),
+        (
+            _set(("provenance",), {"prefill_coeffs": "guessed"}),
+            r"\$\.provenance\.prefill_coeffs: got 'guessed', expected one of published, "
+            "measured, assumed, derived",
+        ),
+        (
+            _set(("provenance",), {"tiers.cpu.write_bandwidth_bytes_per_s": "measured"}),
+            r"\$\.provenance\.tiers\.cpu\.write_bandwidth_bytes_per_s: names no figure",
+        ),
+        (
+            _set(("provenance",), {"decode_coeffs": "measured"}),
+            r"\$\.provenance\.decode_coeffs: names no figure of this profile; its figures: "
+            r"prefill_coeffs, tiers\.cpu\.bandwidth_bytes_per_s",
+        ),
     ],
 )
 def test_load_validation(tmp_path: Path, edit: object, message: str) -> None:
@@ -364,3 +393,106 @@ def test_engine_request_overhead_round_trip(tmp_path: Path) -> None:
 def test_engine_steps_validation(engine: object, message: str) -> None:
     with pytest.raises(ProfileError, match=message):
         TierProfile.from_json({**_profile().to_json(), "engine": engine})
+
+
+CONTENDED = {
+    "cpu": Tier("cpu", 64e9, 20e-6, 60e9, 51.2e9),
+    "disk": Tier("disk", 2e9, 1e-4, write_bandwidth_bytes_per_s=1.5e9),
+}
+
+
+def test_tier_write_and_duplex_fall_back_to_the_one_direction_figures() -> None:
+    plain = Tier("disk", 2e9, 1e-4)
+    assert (plain.write_bandwidth, plain.duplex_bandwidth, plain.duplex_write_bandwidth) == (
+        2e9,
+        2e9,
+        2e9,
+    )
+    assert plain.write_time(1e9) == plain.transfer_time(1e9) == pytest.approx(0.5001)
+    cpu, disk = CONTENDED["cpu"], CONTENDED["disk"]
+    assert cpu.write_time(6e9) == pytest.approx(20e-6 + 0.1)
+    assert (cpu.duplex_bandwidth, cpu.duplex_write_bandwidth) == (51.2e9, 51.2e9)
+    assert (disk.write_bandwidth, disk.duplex_bandwidth, disk.duplex_write_bandwidth) == (
+        1.5e9,
+        2e9,
+        1.5e9,
+    )
+    # A measured duplex figure above a one-direction one is no speed-up under contention.
+    fast = Tier("disk", 2e9, 0.0, 1e9, 1.5e9)
+    assert (fast.duplex_bandwidth, fast.duplex_write_bandwidth) == (1.5e9, 1e9)
+
+
+def _contended_profile() -> TierProfile:
+    return dataclasses.replace(
+        _profile(),
+        tiers=CONTENDED,
+        decode_coeffs=DECODE,
+        engine=ENGINE,
+        host_memcpy_bytes_per_s=10e9,
+        provenance={
+            "tiers.cpu.bandwidth_bytes_per_s": "published",
+            "tiers.cpu.duplex_bandwidth_bytes_per_s": "assumed",
+            "tiers.disk.write_bandwidth_bytes_per_s": "measured",
+            "host_memcpy_bytes_per_s": "assumed",
+            "prefill_coeffs": "derived",
+            "engine.decode_coeffs": "measured",
+        },
+    )
+
+
+def test_write_duplex_memcpy_and_provenance_round_trip(tmp_path: Path) -> None:
+    profile = _contended_profile()
+    data = profile.to_json()
+    assert data["tiers"]["cpu"] == {
+        "bandwidth_bytes_per_s": 64e9,
+        "latency_s": 20e-6,
+        "write_bandwidth_bytes_per_s": 60e9,
+        "duplex_bandwidth_bytes_per_s": 51.2e9,
+    }
+    assert "duplex_bandwidth_bytes_per_s" not in data["tiers"]["disk"]
+    assert data["host_memcpy_bytes_per_s"] == 10e9
+    assert data["provenance"]["prefill_coeffs"] == "derived"
+    profile.save(tmp_path / "p.json")
+    assert TierProfile.load(tmp_path / "p.json") == profile
+    assert TierProfile.from_json(json.loads(json.dumps(data))) == profile
+
+
+def test_files_without_the_new_fields_stay_as_they_were() -> None:
+    data = _profile().to_json()
+    assert set(data) == {"version", "model", "device", "tiers", "prefill_coeffs", "source"}
+    assert set(data["tiers"]["cpu"]) == {"bandwidth_bytes_per_s", "latency_s"}
+    nulls = {**data, "host_memcpy_bytes_per_s": None, "provenance": None}
+    nulls["tiers"] = {
+        name: {**tier, "write_bandwidth_bytes_per_s": None, "duplex_bandwidth_bytes_per_s": None}
+        for name, tier in data["tiers"].items()
+    }
+    assert TierProfile.from_json(nulls) == _profile()
+
+
+def test_figure_paths_name_every_figure_present() -> None:
+    assert _profile().figure_paths() == [
+        "tiers.cpu.bandwidth_bytes_per_s",
+        "tiers.cpu.latency_s",
+        "tiers.disk.bandwidth_bytes_per_s",
+        "tiers.disk.latency_s",
+        "prefill_coeffs",
+    ]
+    overhead = dataclasses.replace(ENGINE, request_overhead_s=0.05)
+    paths = dataclasses.replace(_contended_profile(), engine=overhead).figure_paths()
+    assert {
+        "tiers.cpu.write_bandwidth_bytes_per_s",
+        "tiers.cpu.duplex_bandwidth_bytes_per_s",
+        "tiers.disk.write_bandwidth_bytes_per_s",
+        "host_memcpy_bytes_per_s",
+        "decode_coeffs",
+        "engine.prefill_coeffs",
+        "engine.decode_coeffs",
+        "engine.request_overhead_s",
+    } <= set(paths)
+    assert "tiers.disk.duplex_bandwidth_bytes_per_s" not in paths
+
+
+@pytest.mark.parametrize("name", builtin_profile_names())
+def test_builtin_profiles_state_a_provenance_for_every_figure(name: str) -> None:
+    profile = load_named_profile(name)
+    assert sorted(profile.provenance) == sorted(profile.figure_paths())

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,14 @@ import torch
 from continuum_tiered.cli import main
 from continuum_tiered.profile import ModelShape, ProfileError, TierProfile
 from continuum_tiered.profiling import cli as profiling_cli
-from continuum_tiered.profiling import compute, disk
+from continuum_tiered.profiling import compute, disk, transfers
 from continuum_tiered.profiling.measure import (
     ProfilingError,
     Series,
+    Timed,
+    background_load,
     fit_link,
+    fit_tier,
     max_transfer_tokens,
     transfer_tokens,
 )
@@ -129,12 +133,47 @@ def test_measured_grid(run: Run) -> None:
     assert {(b, c) for b, c, _ in m.decode.points} == {(1, 1024), (1, 8192), (8, 1024), (8, 8192)}
     # 32-token block of 512-byte tokens up to a 128k-token context, 16x apart.
     sizes = tuple(n * 512 for n in (32, 512, 8192, 131072))
-    assert [s.sizes for s in m.series] == [sizes] * 3
+    assert [s.sizes for s in m.series] == [sizes] * 4
     assert [(s.tier, s.reload) for s in m.series] == [
         ("cpu", True),
+        ("cpu", False),
         ("disk", True),
         ("disk", False),
     ]
+    # Duplex: the cpu tier's two halves of the largest copy, the disk's largest read.
+    assert [(d.tier, d.nbytes) for d in m.duplex] == [
+        ("cpu", sizes[-1] // 2),
+        ("cpu", sizes[-1] // 2),
+        ("disk", sizes[-1]),
+    ]
+    assert m.host_memcpy.nbytes == transfers.HOST_MEMCPY_BYTES
+
+
+def test_write_duplex_and_memcpy_are_measured(run: Run) -> None:
+    """Every figure is marked measured; write and duplex come from their own timings."""
+    profile, m = run.profile, run.measurements
+    assert profile.provenance == dict.fromkeys(profile.figure_paths(), "measured")
+    assert profile.host_memcpy_bytes_per_s == m.host_memcpy.bandwidth > 0
+    for name, tier in profile.tiers.items():
+        store = m.store_series[name]
+        assert not store.reload and store.tier == name
+        assert tier.write_time(store.sizes[-1]) == pytest.approx(store.seconds[-1], rel=1e-9)
+        slowest = min((d for d in m.duplex if d.tier == name), key=lambda d: d.bandwidth)
+        contended = tier.latency_s + slowest.nbytes / tier.duplex_bandwidth_bytes_per_s
+        assert contended == pytest.approx(slowest.seconds, rel=1e-9)
+    assert "write bandwidth = disk write + fsync" in profile.source
+    assert "disk read during write + fsync" in profile.source
+    assert "host->pool during pool->host" in profile.source
+
+
+def test_summary_shows_the_new_figures_and_their_provenance(run: Run) -> None:
+    lines = run.stdout.splitlines()
+    for path in ("tiers.disk.duplex_bandwidth_bytes_per_s", "host_memcpy_bytes_per_s"):
+        (row,) = [line for line in lines if line.startswith(path + " ")]
+        assert row.split()[-1] == "measured" and "GB/s" in row
+    assert any(
+        re.match(r"disk +disk read during write \+ fsync +64\.0 MiB", line) for line in lines
+    )
 
 
 # --- grids and fits, without measuring ---------------------------------------------------
@@ -210,8 +249,54 @@ def test_disk_measurement(tmp_path: Path) -> None:
         ("disk write + fsync", (4096, 1 << 20)),
     ]
     assert all(t > 0 for s in result.series for t in s.seconds)
+    ((tier, label, nbytes),) = [(d.tier, d.label, d.nbytes) for d in result.duplex]
+    assert (tier, label, nbytes) == ("disk", "disk read during write + fsync", 1 << 20)
+    assert result.duplex[0].seconds > 0
     assert "posix_fadvise" in result.notes[0]
     assert list(tmp_path.iterdir()) == []  # the files are gone
+
+
+def test_background_load_runs_throughout_and_reports_its_failure() -> None:
+    runs: list[int] = []
+    with background_load(lambda: runs.append(1)):
+        assert runs  # it ran once before the block started
+        before = len(runs)
+        while len(runs) < before + 3:  # and keeps running during it
+            time.sleep(1e-3)
+    after = len(runs)
+    time.sleep(0.05)
+    assert len(runs) == after  # its thread has stopped
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    with (
+        pytest.raises(ProfilingError, match="the concurrent load failed: OSError"),
+        background_load(fail),
+    ):
+        pass
+
+
+def test_host_memcpy_is_one_large_copy() -> None:
+    timed = transfers.measure_host_memcpy(repeats=1)
+    assert (timed.tier, timed.nbytes) == ("host", transfers.HOST_MEMCPY_BYTES)
+    assert 1e8 < timed.bandwidth < 1e12
+
+
+def test_fit_tier_takes_the_latency_off_write_and_duplex() -> None:
+    sizes = (1_000, 1_000_000)
+    load = Series("disk", "read", True, sizes, (1e-4 + 1e-6, 1e-4 + 1e-3), ("x",) * 2)
+    store = Series("disk", "write", False, sizes, (1e-4 + 2e-6, 1e-4 + 2e-3), ("x",) * 2)
+    duplex = [
+        Timed("disk", "read during write", 500_000, 1e-4 + 1e-3),
+        Timed("disk", "write during read", 500_000, 1e-4 + 2e-3),
+    ]
+    tier = fit_tier("disk", load, store, duplex)
+    assert tier.latency_s == pytest.approx(1e-4)
+    assert tier.bandwidth_bytes_per_s == pytest.approx(1e9)
+    assert tier.write_bandwidth_bytes_per_s == pytest.approx(5e8)
+    assert tier.duplex_bandwidth_bytes_per_s == pytest.approx(2.5e8)  # the slower direction
+    assert fit_tier("disk", load, None, []) == fit_link("disk", load)
 
 
 # --- bad inputs: exit code 2 and a message naming the problem ----------------------------
@@ -285,14 +370,24 @@ def test_cuda_without_gpu(
     assert "--device cuda: torch" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_copies_refuse_without_a_gpu() -> None:
+    with pytest.raises(ProfilingError, match=r"CUDA copies: torch .* sees no CUDA GPU"):
+        transfers.measure_transfers("cuda", [4096, 1 << 20], repeats=1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_profile(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     argv = ["profile", "--model", str(tiny_model_dir), "--device", "cuda", "--quick"]
     assert main([*argv, "--out", str(out)]) == 0
     profile = TierProfile.load(out, expect_model=tiny_shape(tiny_model_dir), expect_device="cuda")
-    assert profile.tiers["cpu"].bandwidth_bytes_per_s > 1e9  # PCIe or better
+    cpu = profile.tiers["cpu"]
+    assert cpu.bandwidth_bytes_per_s > 1e9  # PCIe or better
+    assert cpu.write_bandwidth_bytes_per_s > 1e9
+    assert cpu.duplex_bandwidth_bytes_per_s is not None
     assert "pinned allocation" in profile.source
+    assert "pinned host->device during device->pinned host" in profile.source
 
 
 def test_engine_steps(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:

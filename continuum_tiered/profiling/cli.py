@@ -13,7 +13,7 @@ import json
 import os
 import shlex
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +36,9 @@ from continuum_tiered.profiling.measure import (
     Plan,
     ProfilingError,
     Series,
+    Timed,
     available_host_bytes,
-    fit_link,
+    fit_tier,
     load_note,
     max_transfer_tokens,
     transfer_tokens,
@@ -218,33 +219,59 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def measure(job: ProfileJob) -> tuple[TierProfile, Measurements]:
-    series, notes = _measure_tiers(job)
+    series, duplex, notes = _measure_tiers(job)
+    host_memcpy = transfers.measure_host_memcpy(job.plan.transfer_repeats)
     prefill, decode = _measure_compute(job)
     engine_result = _measure_engine(job, prefill, decode) if job.engine else None
-    tier_series = {
-        t.name: max(
-            (s for s in series if s.tier == t.name and s.reload),
-            key=lambda s: s.large_size_bandwidth,
+    measurements = Measurements(
+        series=series,
+        tier_series=_fastest(series, job.tiers, reload=True),
+        store_series=_fastest(series, job.tiers, reload=False),
+        duplex=duplex,
+        host_memcpy=host_memcpy,
+        prefill=prefill,
+        decode=decode,
+        notes=notes,
+        engine=engine_result,
+    )
+    tiers = {
+        name: fit_tier(
+            name,
+            load,
+            measurements.store_series[name],
+            [d for d in duplex if d.tier == name],
         )
-        for t in job.tiers
+        for name, load in measurements.tier_series.items()
     }
-    measurements = Measurements(series, tier_series, prefill, decode, notes, engine_result)
     profile = TierProfile(
         version=PROFILE_VERSION,
         model=job.shape,
         device=job.device,
-        tiers={name: fit_link(name, s) for name, s in tier_series.items()},
+        tiers=tiers,
         prefill_coeffs=prefill.coeffs,
         source=_source(job, measurements),
         decode_coeffs=decode.coeffs,
         engine=engine_result
         and EngineSteps(engine_result.prefill.coeffs, engine_result.decode.coeffs),
+        host_memcpy_bytes_per_s=host_memcpy.bandwidth,
     )
+    profile = replace(profile, provenance=dict.fromkeys(profile.figure_paths(), "measured"))
     # What we write must load: run the reader's checks now, not when a server starts.
     return TierProfile.from_json(profile.to_json(), job.shape, job.device), measurements
 
 
-def _measure_tiers(job: ProfileJob) -> tuple[list[Series], list[str]]:
+def _fastest(series: list[Series], tiers: list[TierRequest], reload: bool) -> dict[str, Series]:
+    """Each tier's fastest series in one direction (e.g. pinned over pageable memory)."""
+    return {
+        t.name: max(
+            (s for s in series if s.tier == t.name and s.reload == reload),
+            key=lambda s: s.large_size_bandwidth,
+        )
+        for t in tiers
+    }
+
+
+def _measure_tiers(job: ProfileJob) -> tuple[list[Series], list[Timed], list[str]]:
     kv = job.shape.kv_bytes_per_token
     block = BLOCK_TOKENS[job.device]
 
@@ -253,6 +280,7 @@ def _measure_tiers(job: ProfileJob) -> tuple[list[Series], list[str]]:
         return [n * kv for n in transfer_tokens(block, top, job.plan.size_step)]
 
     series: list[Series] = []
+    duplex: list[Timed] = []
     notes = [load_note()]
     for tier in job.tiers:
         if tier.directory is None:
@@ -263,8 +291,9 @@ def _measure_tiers(job: ProfileJob) -> tuple[list[Series], list[str]]:
             budget = min(disk.disk_budget_bytes(tier.directory), available_host_bytes() / 4)
             result = disk.measure_disk(tier.directory, sizes(budget), job.plan.disk_repeats)
         series += result.series
+        duplex += result.duplex
         notes += result.notes
-    return series, notes
+    return series, duplex, notes
 
 
 def _measure_compute(job: ProfileJob) -> tuple[compute.PrefillResult, compute.DecodeResult]:
@@ -334,16 +363,13 @@ def device_name(device: str) -> str:
 def _source(job: ProfileJob, m: Measurements) -> str:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     plan = job.plan
-    tiers = "; ".join(
-        f"{name} tier: bandwidth = {s.label} ({'/'.join(sorted(set(s.backends)))}) throughput "
-        f"at {s.sizes[-1]} bytes, latency = intercept fitted over {len(s.sizes)} sizes "
-        f"from {s.sizes[0]} bytes"
-        for name, s in m.tier_series.items()
-    )
+    tiers = "; ".join(_tier_source(name, s, m) for name, s in m.tier_series.items())
     return (
         f"Measured by `{job.command}` on {device_name(job.device)}, {date}; torch "
         f"{torch.__version__}, transformers {transformers.__version__}. {tiers}. "
         + "; ".join(m.notes)
+        + f"; host memcpy = {m.host_memcpy.label} of {m.host_memcpy.nbytes} bytes, median "
+        f"of {plan.transfer_repeats}. Every figure is measured (see provenance)"
         + f". Prefill: random-weight {job.dtype} model, median of {plan.prefill_repeats} runs "
         f"after a warm-up at {', '.join(map(str, m.prefill.lengths))} tokens, "
         f"{m.prefill.method}. Decode: one step over a static cache of random KV, median of "
@@ -351,6 +377,18 @@ def _source(job: ProfileJob, m: Measurements) -> str:
         + ", ".join(f"({b}, {c})" for b, c, _ in m.decode.points)
         + ", nonnegative least squares."
         + (_engine_source(m.engine) if m.engine else "")
+    )
+
+
+def _tier_source(name: str, s: Series, m: Measurements) -> str:
+    store = m.store_series[name]
+    duplex = [d.label for d in m.duplex if d.tier == name]
+    contended = duplex[0] if len(duplex) == 1 else "the slower of " + " and ".join(duplex)
+    return (
+        f"{name} tier: bandwidth = {s.label} ({'/'.join(sorted(set(s.backends)))}) throughput "
+        f"at {s.sizes[-1]} bytes, latency = intercept fitted over {len(s.sizes)} sizes "
+        f"from {s.sizes[0]} bytes, write bandwidth = {store.label} at {store.sizes[-1]} "
+        f"bytes, duplex bandwidth = {contended}, both with that latency taken off"
     )
 
 

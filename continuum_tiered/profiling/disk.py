@@ -3,6 +3,8 @@
 Every write ends with fsync. Before every read the file's pages are dropped from the
 page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` and ``mincore`` counts how many
 stayed, so the read figure is a disk figure and the output says whether it really was.
+The duplex figure is the read of the largest file while a second thread keeps writing
+(and fsyncing) another file of that size in the same directory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import aiofiles
 import torch
 from tqdm import tqdm
 
-from continuum_tiered.profiling.measure import ProfilingError, Series
+from continuum_tiered.profiling.measure import ProfilingError, Series, Timed, background_load
 
 CHUNK_BYTES = 16 << 20  # one aiofiles call moves at most this much
 _DROP = "page cache dropped with posix_fadvise(POSIX_FADV_DONTNEED) after fsync"
@@ -33,6 +35,7 @@ _DROP = "page cache dropped with posix_fadvise(POSIX_FADV_DONTNEED) after fsync"
 @dataclass(frozen=True)
 class DiskResult:
     series: list[Series]
+    duplex: list[Timed]  # the largest read under a concurrent write load
     notes: list[str]
 
 
@@ -48,8 +51,9 @@ def check_directory(path: Path) -> None:
 
 
 def disk_budget_bytes(path: Path) -> int:
-    """Half the free space: the largest file the profiler writes there."""
-    return shutil.disk_usage(path).free // 2
+    """A quarter of the free space: the largest file the profiler writes there (it writes
+    two at once, the timed one and the concurrent load's)."""
+    return shutil.disk_usage(path).free // 4
 
 
 def measure_disk(directory: Path, sizes: list[int], repeats: int) -> DiskResult:
@@ -63,7 +67,7 @@ async def _measure(directory: Path, sizes: list[int], repeats: int) -> DiskResul
     writes, reads, still_cached = [], [], []
     with (
         tempfile.TemporaryDirectory(dir=directory, prefix="continuum-profile-") as tmp,
-        tqdm(total=len(sizes) * repeats, desc="disk tier", unit="file") as bar,
+        tqdm(total=(len(sizes) + 1) * repeats, desc="disk tier", unit="file") as bar,
     ):
         path = Path(tmp) / "kv.bin"
         for size in sizes:
@@ -75,12 +79,25 @@ async def _measure(directory: Path, sizes: list[int], repeats: int) -> DiskResul
                 bar.update()
             writes.append(statistics.median(write_s))
             reads.append(statistics.median(read_s))
+        # The largest file is in place: read it again while another file is being written.
+        load = Path(tmp) / "concurrent-write.bin"
+        with background_load(lambda: asyncio.run(_write(load, data))):
+            read_s = []
+            for _ in range(repeats):
+                still_cached.append(_drop_cache(path))
+                read_s.append(await _timed(_read(path, buffer)))
+                bar.update()
     backends = ("aiofiles",) * len(sizes)
     series = [
         Series("disk", "disk read", True, tuple(sizes), tuple(reads), backends),
         Series("disk", "disk write + fsync", False, tuple(sizes), tuple(writes), backends),
     ]
-    return DiskResult(series, [f"disk tier: files in {directory}; {_method(still_cached)}"])
+    duplex = Timed("disk", "disk read during write + fsync", sizes[-1], statistics.median(read_s))
+    notes = [
+        f"disk tier: files in {directory}; {_method(still_cached)}; duplex: the "
+        f"{sizes[-1]}-byte read while a second thread rewrites another file of that size"
+    ]
+    return DiskResult(series, [duplex], notes)
 
 
 async def _timed(operation: Awaitable[None]) -> float:

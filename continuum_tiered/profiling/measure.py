@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from continuum_tiered.profile import Tier
@@ -53,6 +55,54 @@ class Series:
     def large_size_bandwidth(self) -> float:
         """Throughput of the largest transfer, where latency no longer counts."""
         return self.sizes[-1] / self.seconds[-1]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One transfer of one size, timed (median): e.g. one direction of a tier while the
+    other direction runs throughout."""
+
+    tier: str  # the profile tier it describes ("cpu", "disk"), or "host"
+    label: str  # what moved, e.g. "pinned host->device during device->host"
+    nbytes: int
+    seconds: float
+
+    @property
+    def bandwidth(self) -> float:
+        return self.nbytes / self.seconds
+
+
+@contextmanager
+def background_load(op: Callable[[], object]) -> Iterator[None]:
+    """Another thread runs ``op`` over and over from before the block starts until it ends.
+
+    ``op`` has run once when the block starts, so whatever it warms up is warm; an error
+    in it is raised when the block ends (the block was then not timed under load).
+    """
+    stop, started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            op()
+            started.set()
+            while not stop.is_set():
+                op()
+        except BaseException as exc:  # handed to the timing thread below
+            errors.append(exc)
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=loop, name="profile-background-load", daemon=True)
+    thread.start()
+    started.wait()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise ProfilingError(f"the concurrent load failed: {errors[0]!r}") from errors[0]
 
 
 def median_seconds(
@@ -145,3 +195,23 @@ def fit_link(name: str, series: Series) -> Tier:
         den += a * a / (t * t)
     latency = min(max(num / den if den else 0.0, 0.0), t_max / 2)
     return Tier(name, n_max / (t_max - latency), latency)
+
+
+def fit_tier(name: str, load: Series, store: Series | None, duplex: list[Timed]) -> Tier:
+    """The tier of ``fit_link(load)`` with the store bandwidth of ``store``'s largest transfer
+    and the duplex bandwidth of the slower contended direction (one figure bounds both),
+    each with the tier's latency taken off, as for the load bandwidth."""
+    tier = fit_link(name, load)
+    latency = tier.latency_s
+    write = (
+        None if store is None else rate_after_latency(store.sizes[-1], store.seconds[-1], latency)
+    )
+    slowest = min(duplex, key=lambda c: c.bandwidth, default=None)
+    both = None if slowest is None else rate_after_latency(slowest.nbytes, slowest.seconds, latency)
+    return Tier(name, tier.bandwidth_bytes_per_s, latency, write, both)
+
+
+def rate_after_latency(nbytes: int, seconds: float, latency_s: float) -> float:
+    """Bandwidth of a transfer once the tier's latency is taken off; as in ``fit_link``,
+    the latency takes at most half of the time."""
+    return nbytes / max(seconds - latency_s, seconds / 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -13,13 +14,16 @@ from matplotlib.figure import Figure
 from continuum_tiered.profile import TierProfile
 from continuum_tiered.profiling.compute import DecodeResult, PrefillResult
 from continuum_tiered.profiling.engine import EngineResult
-from continuum_tiered.profiling.measure import Series
+from continuum_tiered.profiling.measure import Series, Timed
 
 
 @dataclass(frozen=True)
 class Measurements:
     series: list[Series]
     tier_series: dict[str, Series]  # the reload series each profile tier was fitted on
+    store_series: dict[str, Series]  # the series each tier's write bandwidth comes from
+    duplex: list[Timed]  # each tier's directions timed under the other's load
+    host_memcpy: Timed
     prefill: PrefillResult
     decode: DecodeResult
     notes: list[str]
@@ -86,9 +90,20 @@ def summary(profile: TierProfile, m: Measurements, out: Path, png: Path) -> str:
         ),
         *(
             f"{t.name} tier: {t.bandwidth_bytes_per_s / 1e9:.3f} GB/s, latency "
-            f"{t.latency_s * 1e6:.1f} us, from {m.tier_series[t.name].label}"
+            f"{t.latency_s * 1e6:.1f} us, from {m.tier_series[t.name].label}; write "
+            f"{t.write_bandwidth / 1e9:.3f} GB/s from {m.store_series[t.name].label}"
             for t in profile.tiers.values()
         ),
+        "",
+        _table(
+            ["tier", "transfer at one size", "bytes", "bandwidth"],
+            [
+                [d.tier, d.label, _bytes(d.nbytes), f"{d.bandwidth / 1e9:.2f} GB/s"]
+                for d in [*m.duplex, m.host_memcpy]
+            ],
+        ),
+        "",
+        figures_table(profile),
         "",
         _table(
             ["prefill tokens", "measured", "fit"],
@@ -117,6 +132,26 @@ def summary(profile: TierProfile, m: Measurements, out: Path, png: Path) -> str:
         f"wrote {out} and {png}",
     ]
     return "\n".join(lines)
+
+
+def figures_table(profile: TierProfile) -> str:
+    """Every figure of the profile with its provenance ("-": none stated)."""
+    data = profile.to_json()
+    rows = []
+    for path in profile.figure_paths():
+        value: Any = data
+        for key in path.split("."):
+            value = value[key]
+        rows.append([path, _figure(path, value), profile.provenance.get(path, "-")])
+    return _table(["profile figure", "value", "provenance"], rows)
+
+
+def _figure(path: str, value: float | list[float]) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+    if path.endswith("bytes_per_s"):
+        return f"{value / 1e9:.3f} GB/s"
+    return f"{value * 1e6:.1f} us"  # latency_s, request_overhead_s
 
 
 def _engine_lines(profile: TierProfile, m: Measurements) -> list[str]:
@@ -196,6 +231,8 @@ def plot(profile: TierProfile, m: Measurements, png: Path) -> None:
 
     for s in m.series:
         transfers.loglog(s.sizes, s.seconds, "o" if s.reload else "x", label=f"{s.tier}: {s.label}")
+    for d in m.duplex:
+        transfers.loglog([d.nbytes], [d.seconds], "*", label=f"{d.tier}: {d.label}")
     for name, s in m.tier_series.items():
         sizes = np.geomspace(s.sizes[0], s.sizes[-1], 100)
         tier = profile.tiers[name]
