@@ -9,6 +9,10 @@ Needs ``pyarrow`` and ``pyyaml`` to read the wheel:
     python experiments/derive_h100_profiles.py \\
         --wheel /tmp/aic/aiconfigurator_core-0.12.0-cp311-abi3-manylinux_2_28_x86_64.whl \\
         --out-dir continuum_tiered/profiles
+
+``--tiers-only`` instead of ``--wheel`` redoes the tiers, host figure, provenance and
+source text of the profiles already in ``--out-dir`` without the wheel, keeping their
+kernel fits as they are and their PCIe figure (the wheel's node.pcie_bw).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import argparse
 from pathlib import Path
 
 from continuum_tiered.profile import ModelShape, TierProfile
-from continuum_tiered.profiling.published import derive_profile, read_tables
+from continuum_tiered.profiling.published import derive_profile, h100_profile, read_tables
 from continuum_tiered.roofline import estimated_profile
 from continuum_tiered.sim.deployment import Deployment
 from continuum_tiered.sim.step_time import StepTimeModel
@@ -45,16 +49,35 @@ def _table(rows: list[tuple[str, str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def retiered(path: Path, model: str, tp: int) -> TierProfile:
+    """The profile at ``path`` with its tiers, host figure, provenance and source redone,
+    its kernel fits and PCIe figure kept."""
+    old = TierProfile.load(path)
+    if old.decode_coeffs is None:
+        raise SystemExit(f"{path} has no decode_coeffs: derive it from the wheel")
+    cpu = "tiers.cpu.bandwidth_bytes_per_s"
+    # A file without provenance predates it and took this figure from node.pcie_bw.
+    published = old.provenance.get(cpu, "published") == "published"
+    pcie = old.tiers["cpu"].bandwidth_bytes_per_s if published else None
+    return h100_profile(model, tp, old.prefill_coeffs, old.decode_coeffs, pcie)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--wheel", type=Path, required=True, help="aiconfigurator-core 0.12.0 wheel")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--wheel", type=Path, help="aiconfigurator-core 0.12.0 wheel")
+    source.add_argument(
+        "--tiers-only",
+        action="store_true",
+        help="no wheel: redo the tiers of the profiles in --out-dir, keep their kernel fits",
+    )
     p.add_argument("--out-dir", type=Path, default=Path("continuum_tiered/profiles"))
     args = p.parse_args()
-    tables = read_tables(args.wheel)
+    tables = None if args.tiers_only else read_tables(args.wheel)
     rows = []
     for model, tp in MODELS.items():
-        profile = derive_profile(tables, model, tp)
         path = args.out_dir / f"h100-{model}.json"
+        profile = retiered(path, model, tp) if tables is None else derive_profile(tables, model, tp)
         profile.save(path)
         print(f"wrote {path}")
         hf = Deployment(model=model).hf_config()

@@ -33,6 +33,10 @@ Modelling choices:
   proportional past the largest.
 - Only these kernels are counted: norms, rotary embedding, activation, sampling and the
   CPU side of a step (scheduling, launch) are not, so the figures are lower bounds.
+
+The tiers come from the package's nominal PCIe figure (per direction, so for loads and
+stores alike) and from stated assumptions; ``h100_profile`` builds a profile from the
+kernel fits and that figure alone, so the tiers can be redone without the wheel.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import io
 import math
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +73,13 @@ ATTENTION_KERNEL = "vllm_flash_attn_fa3"
 PREFILL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DECODE_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-# Assumptions, not in the package: host<->device copy latency and one local NVMe drive.
+# Assumptions, not in the package: host<->device copy latency, each direction's share of
+# the PCIe figure when both directions run at once, one local NVMe drive (read, write,
+# read under a concurrent write) and one thread's host memcpy.
 CPU_TIER_LATENCY_S = 20e-6
-DISK_TIER = Tier("disk", 2e9, 100e-6)
+PCIE_DUPLEX_SHARE = 0.8
+DISK_TIER = Tier("disk", 2e9, 100e-6, 1.5e9, 1e9)
+HOST_MEMCPY_BYTES_PER_S = 10e9
 _MS = 1e-3
 _BF16_BYTES = 2
 
@@ -344,27 +352,36 @@ def regenerate_command() -> str:
         f"pip download --no-deps aiconfigurator-core=={AIC_VERSION} -d /tmp/aic && "
         "python experiments/derive_h100_profiles.py "
         f"--wheel /tmp/aic/aiconfigurator_core-{AIC_VERSION}-cp311-abi3-manylinux_2_28_x86_64.whl "
-        "--out-dir continuum_tiered/profiles"
+        "--out-dir continuum_tiered/profiles (the tiers alone, keeping the kernel fits, "
+        "without the wheel: --tiers-only instead of --wheel)"
     )
 
 
-def _cpu_tier(tables: KernelTables) -> tuple[Tier, str]:
-    if tables.pcie_bytes_per_s is not None:
-        return Tier("cpu", tables.pcie_bytes_per_s, CPU_TIER_LATENCY_S), (
+def _cpu_tier(pcie_bytes_per_s: float | None) -> tuple[Tier, str]:
+    if pcie_bytes_per_s is None:
+        bandwidth = 25e9
+        text = f"cpu = PCIe Gen5 host<->device, {bandwidth:.3g} B/s per direction assumed (the "
+        text += "package's system file gives no PCIe bandwidth)"
+    else:
+        bandwidth = pcie_bytes_per_s
+        text = (
             f"cpu = PCIe Gen5 host<->device at the package's {SYSTEM_YAML} node.pcie_bw "
-            f"({tables.pcie_bytes_per_s:.3g} B/s, one direction; a nominal link figure), "
-            f"latency {CPU_TIER_LATENCY_S:.0e} s assumed"
+            f"({bandwidth:.3g} B/s per direction, a nominal link figure: published), for loads "
+            "and stores alike"
         )
-    return Tier("cpu", 25e9, CPU_TIER_LATENCY_S), (
-        f"cpu = PCIe Gen5 host<->device, 25e9 B/s effective and {CPU_TIER_LATENCY_S:.0e} s "
-        "latency assumed (the package's system file gives no PCIe bandwidth)"
+    duplex = PCIE_DUPLEX_SHARE * bandwidth
+    text += (
+        f", {duplex:.3g} B/s per direction while both run ({PCIE_DUPLEX_SHARE:g} of it, "
+        f"assumed), latency {CPU_TIER_LATENCY_S:.0e} s assumed"
     )
+    return Tier("cpu", bandwidth, CPU_TIER_LATENCY_S, bandwidth, duplex), text
 
 
-def _source(share: LlamaShare, cpu_text: str) -> str:
+def _source(share: LlamaShare, cpu_text: str, pcie_published: bool) -> str:
     tables = ", ".join((GEMM_TABLE, CONTEXT_TABLE, GENERATION_TABLE))
     if share.tp > 1:
         tables += f", {ALLREDUCE_TABLE} ({share.tp} GPUs)"
+    disk = DISK_TIER
     return (
         f"Derived from aiconfigurator-core {AIC_VERSION} measured H100 SXM vLLM {VLLM_VERSION} "
         f"kernel tables ({tables}); not measured by `continuum-tiered profile`. Kernel time "
@@ -374,8 +391,14 @@ def _source(share: LlamaShare, cpu_text: str) -> str:
         f"over n = {PREFILL_LENGTHS[0]}..{PREFILL_LENGTHS[-1]} unchunked; decode over batch "
         f"{DECODE_BATCHES[0]}..{DECODE_BATCHES[-1]} x context {DECODE_CONTEXTS[0]}.."
         f"{DECODE_CONTEXTS[-1]} where measured. Tiers: {cpu_text}; disk = one local NVMe, "
-        f"{DISK_TIER.bandwidth_bytes_per_s:.0e} B/s and {DISK_TIER.latency_s:.0e} s latency "
-        f"(an assumption). Regenerate with: {regenerate_command()}. Re-measure these figures "
+        f"read {disk.bandwidth_bytes_per_s:.2g} B/s, write {disk.write_bandwidth:.2g} B/s, "
+        f"read under a concurrent write {disk.duplex_bandwidth:.2g} B/s, latency "
+        f"{disk.latency_s:.0e} s (all assumed). Host memcpy: {HOST_MEMCPY_BYTES_PER_S:.2g} B/s "
+        "for one thread (assumed). Provenance: the prefill and decode fits are derived from "
+        "the published kernel tables, "
+        + ("the PCIe figure is published, " if pcie_published else "")
+        + f"every other figure is assumed. Regenerate with: {regenerate_command()}. "
+        "Re-measure these figures "
         "with `continuum-tiered profile` when a GPU is lent."
     )
 
@@ -385,16 +408,41 @@ def derive_profile(tables: KernelTables, model: str, tp: int) -> TierProfile:
 
     ``tp`` is the tensor-parallel degree the shape's config is one GPU's share of.
     """
-    hf = Deployment(model=model).hf_config()
-    share = LlamaShare.from_hf_config(hf, tp)
+    share = LlamaShare.from_hf_config(Deployment(model=model).hf_config(), tp)
     prefill = [prefill_s(tables, share, n) for n in PREFILL_LENGTHS]
-    cpu_tier, cpu_text = _cpu_tier(tables)
-    return TierProfile(
+    return h100_profile(
+        model,
+        tp,
+        fit_quadratic(PREFILL_LENGTHS, prefill),
+        fit_decode(decode_points(tables, share)),
+        tables.pcie_bytes_per_s,
+    )
+
+
+def h100_profile(
+    model: str,
+    tp: int,
+    prefill_coeffs: tuple[float, float, float],
+    decode_coeffs: tuple[float, float, float],
+    pcie_bytes_per_s: float | None,
+) -> TierProfile:
+    """The profile of ``model`` from its kernel fits and the package's PCIe figure (None:
+    the package gives none): everything else is assumed, and needs no wheel."""
+    hf = Deployment(model=model).hf_config()
+    cpu_tier, cpu_text = _cpu_tier(pcie_bytes_per_s)
+    profile = TierProfile(
         version=PROFILE_VERSION,
         model=ModelShape.from_hf_config(hf, name=model),
         device="cuda",
         tiers={"cpu": cpu_tier, "disk": DISK_TIER},
-        prefill_coeffs=fit_quadratic(PREFILL_LENGTHS, prefill),
-        source=_source(share, cpu_text),
-        decode_coeffs=fit_decode(decode_points(tables, share)),
+        prefill_coeffs=prefill_coeffs,
+        source=_source(LlamaShare.from_hf_config(hf, tp), cpu_text, pcie_bytes_per_s is not None),
+        decode_coeffs=decode_coeffs,
+        host_memcpy_bytes_per_s=HOST_MEMCPY_BYTES_PER_S,
     )
+    provenance = dict.fromkeys(profile.figure_paths(), "assumed")
+    provenance |= {"prefill_coeffs": "derived", "decode_coeffs": "derived"}
+    if pcie_bytes_per_s is not None:
+        for direction in ("bandwidth_bytes_per_s", "write_bandwidth_bytes_per_s"):
+            provenance[f"tiers.cpu.{direction}"] = "published"
+    return replace(profile, provenance=provenance)
