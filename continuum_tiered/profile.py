@@ -262,8 +262,12 @@ class TierProfile:
             data["engine"] = self.engine.to_json()
         if self.host_memcpy_bytes_per_s is not None:
             data["host_memcpy_bytes_per_s"] = self.host_memcpy_bytes_per_s
-        if self.provenance:
-            data["provenance"] = dict(self.provenance)
+        # Not the provenance of figures replaced away (dataclasses.replace of a tier with
+        # fewer figures): the file would not load.
+        figures = set(self.figure_paths())
+        provenance = {path: kind for path, kind in self.provenance.items() if path in figures}
+        if provenance:
+            data["provenance"] = provenance
         return data
 
     def save(self, path: str | Path) -> None:

@@ -496,3 +496,14 @@ def test_figure_paths_name_every_figure_present() -> None:
 def test_builtin_profiles_state_a_provenance_for_every_figure(name: str) -> None:
     profile = load_named_profile(name)
     assert sorted(profile.provenance) == sorted(profile.figure_paths())
+
+
+def test_a_replaced_tier_drops_the_provenance_of_figures_it_lacks(tmp_path: Path) -> None:
+    """As tests and experiments do: swap a tier for a plain one, save, load."""
+    profile = _contended_profile()
+    slow = dataclasses.replace(profile, tiers={**profile.tiers, "disk": Tier("disk", 1e3, 0.0)})
+    slow.save(tmp_path / "slow.json")
+    loaded = TierProfile.load(tmp_path / "slow.json")
+    assert loaded.tiers["disk"] == Tier("disk", 1e3, 0.0)
+    assert "tiers.disk.write_bandwidth_bytes_per_s" not in loaded.provenance
+    assert loaded.provenance["tiers.cpu.bandwidth_bytes_per_s"] == "published"
