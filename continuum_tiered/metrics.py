@@ -41,6 +41,8 @@ class RunSummary:
     prefix_hit_ratio: float
     # Virtual time only: KV blocks held by requests and pins, averaged over the busy time.
     mean_kv_blocks: float | None = None
+    # Virtual time, peers with LMCache tiers: blocks stored and dropped, disk write delays.
+    stores: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, object]:
         """The fields, with undefined statistics (no completed program) as null."""

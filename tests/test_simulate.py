@@ -84,10 +84,14 @@ def test_the_request_overhead_delays_each_turn_seen_by_its_program(simple_profil
 
 
 def _prefix_evicted_during_a_tool_call(profile: str, tmp_path) -> tuple[ReplaySetup, list]:
-    """A's turn-1 KV goes to a disk tier (no CPU tier) that needs 10 s for its two blocks;
-    B fills the 7-block GPU pool during A's tool call, evicting A's cached prefix."""
+    """A's turn-1 KV goes to a disk tier (no CPU tier) that needs 10 s to read its two
+    blocks back (writing them is fast); B fills the 7-block GPU pool during A's tool call,
+    evicting A's cached prefix."""
     kv_bytes = DEPLOYMENT.kv_bytes_per_token()
-    slow_disk = {"cpu": Tier("cpu", 1e12, 0.0), "disk": Tier("disk", 32 * kv_bytes / 10, 0.0)}
+    slow_disk = {
+        "cpu": Tier("cpu", 1e12, 0.0),
+        "disk": Tier("disk", 32 * kv_bytes / 10, 0.0, write_bandwidth_bytes_per_s=1e12),
+    }
     path = tmp_path / "slow-disk.json"
     dataclasses.replace(TierProfile.load(profile), tiers=slow_disk).save(path)
     setup = ReplaySetup(dataclasses.replace(DEPLOYMENT, num_blocks=8, cpu_tier_bytes=0), str(path))
@@ -113,8 +117,9 @@ def test_a_tier_hit_slower_to_load_than_to_prefill_is_recomputed(simple_profile,
 
     # Turn 1 as in the two-turn case (0.047), the tool (1 s), then turn 2 either loads 32
     # tokens from disk (10 s) and prefills 16 (0.026), or prefills all 48 (0.058); decode.
+    # Storing the blocks at 1 TB/s adds microseconds (rel=1e-4).
     assert jct_of_a(cost_aware=False) == pytest.approx(0.047 + 1.0 + 10.0 + 0.026 + 0.005)
-    assert jct_of_a(cost_aware=True) == pytest.approx(0.047 + 1.0 + 0.058 + 0.005)
+    assert jct_of_a(cost_aware=True) == pytest.approx(0.047 + 1.0 + 0.058 + 0.005, rel=1e-4)
 
 
 def test_the_retention_bound_brings_back_every_prefix_at_no_cost(simple_profile, tmp_path):
@@ -136,15 +141,15 @@ def contended_runs():
 
 
 def test_both_bounds_beat_every_policy(contended_runs):
-    """The oracle (GPU memory for everything) and the retention bound (every KV kept at no
-    cost, in the real pool). Between the two there is no order: running fewer requests at
-    once makes each step faster, so the bound can edge out the oracle (it does here, by
-    0.01%)."""
-    bounds = [contended_runs["oracle"], contended_runs["retention-bound"]]
+    """The retention bound (every KV kept at no cost, in the real pool) beats every policy
+    that runs in that pool. The oracle (GPU memory for everything) does too, within 0.1%:
+    running fewer requests at once makes each step faster, so a run in the real pool can
+    edge it out (the retention bound does here by 0.01%, ``tiered`` by 0.004%)."""
+    oracle, bound = contended_runs["oracle"], contended_runs["retention-bound"]
     policies = {k: v for k, v in contended_runs.items() if k not in ("oracle", "retention-bound")}
-    for bound in bounds:
-        for name, summary in policies.items():
-            assert bound.avg_jct_s <= summary.avg_jct_s * (1 + 1e-9), (bound.policy, name)
+    for name, summary in policies.items():
+        assert bound.avg_jct_s <= summary.avg_jct_s * (1 + 1e-9), name
+        assert oracle.avg_jct_s <= summary.avg_jct_s * (1 + 1e-3), name
     # The contention is real: plain vLLM loses prefixes the oracle keeps, and the LMCache
     # tiers bring most of them back.
     vllm, lmcache = contended_runs["vllm"], contended_runs["vllm+lmcache"]
@@ -215,3 +220,72 @@ def test_simulate_rejects_a_broken_trace_naming_the_line(tmp_path, capsys):
 def test_unknown_policy_is_a_clear_error(capsys):
     assert main(["simulate", "--policies", "vllm,magic"]) == 2
     assert "unknown policy 'magic'" in capsys.readouterr().err
+
+
+def _tiered_setup(profile: str, tmp_path, cpu: Tier, disk: Tier, **deployment) -> ReplaySetup:
+    path = tmp_path / "tiers.json"
+    dataclasses.replace(TierProfile.load(profile), tiers={"cpu": cpu, "disk": disk}).save(path)
+    return ReplaySetup(dataclasses.replace(DEPLOYMENT, **deployment), str(path))
+
+
+ONE_TURN = [TraceProgram("p", (Turn(32, 2, None, 0.0),), arrival_s=0.0)]
+TWO_BLOCKS = 32 * DEPLOYMENT.kv_bytes_per_token()
+
+
+def test_write_through_stores_cost_the_step_that_computes_them(simple_profile, tmp_path):
+    """The prefill step completes two blocks; copying them off the GPU at one block per
+    0.5 s makes that step 1 s longer without layer-wise transfers, and overlaps the
+    forward pass (0.042 s, 32 layers) with them."""
+    cpu = Tier("cpu", 1e12, 0.0, write_bandwidth_bytes_per_s=TWO_BLOCKS)
+    setup = _tiered_setup(simple_profile, tmp_path, cpu, Tier("disk", 1e12, 0.0))
+    summary, (run,) = replay(PEERS["vllm+lmcache"], ONE_TURN, setup, 1)
+    assert run.jct_s == pytest.approx(0.042 + 1.0 + 0.005)
+    assert summary.stores["blocks_stored"] == 2 and summary.stores["blocks_dropped"] == 0
+    layerwise = dataclasses.replace(PEERS["vllm+lmcache"], lmcache_layerwise=True)
+    _, (run,) = replay(layerwise, ONE_TURN, setup, 1)
+    assert run.jct_s == pytest.approx(1.0 + 0.042 / 32 + 0.005)
+    # Without stores (vLLM alone) the copies are not made at all.
+    _, (run,) = replay(PEERS["vllm"], ONE_TURN, setup, 1)
+    assert run.jct_s == pytest.approx(0.047)
+
+
+def test_a_disk_that_cannot_keep_up_drops_stores_and_reports_the_delay(simple_profile, tmp_path):
+    """Every stored block is also written to disk, at one block per 10 s here. A CPU tier
+    of two blocks is then full of chunks waiting for their write, so LMCache cannot
+    allocate the other four blocks of a 100-token prompt: they are dropped."""
+    slow_write = Tier("disk", 1e12, 0.0, write_bandwidth_bytes_per_s=TWO_BLOCKS / 20)
+    setup = _tiered_setup(
+        simple_profile, tmp_path, Tier("cpu", 1e12, 0.0), slow_write, cpu_tier_bytes=TWO_BLOCKS
+    )
+    program = [TraceProgram("p", (Turn(100, 2, None, 0.0),), arrival_s=0.0)]
+    summary, _ = replay(PEERS["vllm+lmcache"], program, setup, 1)
+    stores = summary.stores
+    assert (stores["blocks_stored"], stores["blocks_dropped"]) == (2, 4)
+    assert stores["disk_blocks_written"] == 2
+    assert stores["disk_write_delay_max_s"] == pytest.approx(20.0)
+
+
+def test_a_disk_read_under_a_write_backlog_is_slower(simple_profile, tmp_path):
+    """A's prefix is evicted from the GPU and comes back from disk while B's stores keep
+    the disk writing: the read runs at the read-under-write figure. Writes take 0.25 s
+    a block: A's two are on disk by 0.55 s, B's six (from 0.6 s) until 2.1 s, and A
+    returns at 1.05 s."""
+
+    def jct_of_a(read_under_write: float) -> float:
+        disk = Tier(
+            "disk",
+            TWO_BLOCKS,  # 1 s for A's two blocks alone
+            0.0,
+            write_bandwidth_bytes_per_s=TWO_BLOCKS / 0.5,
+            duplex_bandwidth_bytes_per_s=read_under_write,
+        )
+        setup = _tiered_setup(
+            simple_profile, tmp_path, Tier("cpu", 1e12, 0.0), disk, num_blocks=8, cpu_tier_bytes=0
+        )
+        a = TraceProgram("a", (Turn(32, 2, "grep", 1.0), Turn(48, 2, None, 0.0)), arrival_s=0.0)
+        b = TraceProgram("b", (Turn(100, 2, None, 0.0),), arrival_s=0.5)
+        _, runs = replay(PEERS["vllm+lmcache"], [a, b], setup, 1)
+        return runs[0].jct_s
+
+    alone, contended = jct_of_a(TWO_BLOCKS), jct_of_a(TWO_BLOCKS / 4)
+    assert contended == pytest.approx(alone + 3.0, rel=1e-3)

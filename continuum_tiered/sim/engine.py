@@ -68,12 +68,12 @@ class VirtualEngine:
         self._waiting_since: dict[str, float] = {}
         connectors = self._connectors()
         pins = next((c for c in connectors if isinstance(c, ContinuumConnector)), None)
-        self._lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
+        self.lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
         if pins is not None:
             pins.clock = lambda: self.now
-            if self._lmcache is not None:
-                pins.residency = self._lmcache.tier_after_release
-                pins.offload = self._lmcache.offload
+            if self.lmcache is not None:
+                pins.residency = self.lmcache.tier_after_release
+                pins.offload = self.lmcache.offload
 
     def _connectors(self) -> list:
         connector = self.scheduler.connector
@@ -171,8 +171,8 @@ class VirtualEngine:
             else:
                 prefill.append((offset, n))
         seconds = self.step_time.step_s(prefill, decode)
-        if self._lmcache is not None:
-            seconds = self._lmcache.step_with_loads(seconds)
+        if self.lmcache is not None:
+            seconds = self.lmcache.step_seconds(seconds, self.now)
         for rid in out.num_scheduled_tokens:
             self._by_request[rid].attained_s += seconds
         return seconds

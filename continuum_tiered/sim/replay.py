@@ -23,6 +23,7 @@ from continuum_tiered.sim.peers import QUEUE_ORDERS, Peer
 from continuum_tiered.sim.program_run import ProgramRun
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
 from continuum_tiered.sim.step_time import StepTimeModel
+from continuum_tiered.sim.tier_links import LinkFigures
 from continuum_tiered.traces.model import TraceProgram
 
 
@@ -77,7 +78,11 @@ def connector_config(peer: Peer, setup: ReplaySetup, profile: TierProfile) -> di
             t: [profile.tiers[t].bandwidth_bytes_per_s, profile.tiers[t].latency_s]
             for t in TIER_ORDER
         }
+        links = LinkFigures.from_tiers(
+            profile.tiers["cpu"], profile.tiers["disk"], profile.host_memcpy_bytes_per_s
+        )
         extra = {
+            "links": links.to_json(),
             "cpu_bytes": d.cpu_tier_bytes,
             "disk_bytes": d.disk_tier_bytes,
             "kv_bytes_per_token": d.kv_bytes_per_token(),
@@ -177,4 +182,5 @@ def _replay_once(
     runs = engine.run(on_program_done)
     summary = summarize(peer.name, jps, [r.outcome() for r in runs])
     mean_kv = engine.kv_block_seconds / engine.busy_s if engine.busy_s else 0.0
-    return replace(summary, mean_kv_blocks=mean_kv), runs
+    stores = engine.lmcache.store_stats().to_json() if engine.lmcache is not None else None
+    return replace(summary, mean_kv_blocks=mean_kv, stores=stores), runs
