@@ -28,7 +28,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,6 +44,7 @@ from continuum_tiered.sim.goals import (
 )
 from continuum_tiered.sim.peers import get_peer
 from continuum_tiered.sim.replay import ReplaySetup, replay
+from continuum_tiered.sim.settings import SETTINGS, Setting
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.traces.shifts import bimodal_tools, slow_tools_after
@@ -54,30 +54,6 @@ ROBUSTNESS_POLICIES = ("vllm+lmcache", "continuum", OURS)
 SHIFTS: dict[str, Callable[[list[TraceProgram], int], list[TraceProgram]]] = {
     "tools 10x slower after half": lambda programs, seed: slow_tools_after(programs),
     "bimodal tool": bimodal_tools,
-}
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    trace: str
-    model: str
-    programs: int
-    loads: tuple[float, float, float]  # light, vllm starts to saturate, heavier
-
-    @property
-    def profile(self) -> str:
-        return f"h100-{self.model}"
-
-
-SETTINGS = {
-    s.name: s
-    for s in (
-        Setting("swebench-8b", "swebench", "llama-3.1-8b", 100, (0.1, 0.15, 0.3)),
-        Setting("bfcl-8b", "bfcl", "llama-3.1-8b", 400, (2.0, 3.5, 7.0)),
-        Setting("swebench-70b", "swebench", "llama-3.1-70b-tp4", 100, (0.05, 0.1, 0.2)),
-        Setting("bfcl-70b", "bfcl", "llama-3.1-70b-tp4", 400, (1.0, 1.5, 3.0)),
-    )
 }
 
 

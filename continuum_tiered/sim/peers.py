@@ -11,6 +11,13 @@
 | ``tiered`` | program FCFS | tier-priced TTL, saving-per-block order; tiers, cost-aware loads |
 | ``retention-bound`` | the best of the three orders above | kept off the GPU, back at no cost |
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
+| ``lmcache-layerwise+priority`` | program FCFS | LMCache write-through, layer-wise loads |
+
+The strongest configuration a user can assemble without us is
+``lmcache-layerwise+priority``: vLLM's priority scheduling with the program's first
+arrival as the priority (sent by the client), LMCache with ``use_layerwise``; no pins and
+no cost-aware loads. ``COMPONENTS`` adds one mechanism at a time from ``vllm`` to
+``tiered``, so each one's share of the gain can be read off one run per system.
 
 ``tiered`` is ``policies/tiered.py`` over LMCache's CPU and disk tiers, configured with
 layerwise loads (``use_layerwise``: ``serve --tiers ... --layerwise-loads`` on a GPU), which
@@ -99,11 +106,38 @@ PEERS: dict[str, Peer] = {
             lmcache_layerwise=True,
             lmcache_cost_aware=True,
         ),
+        Peer("vllm+priority", scheduling_policy="priority", hooks=PROGRAM_FCFS),
+        Peer("lmcache+priority", scheduling_policy="priority", hooks=PROGRAM_FCFS, lmcache=True),
+        Peer(
+            "lmcache-layerwise+priority",
+            scheduling_policy="priority",
+            hooks=PROGRAM_FCFS,
+            lmcache=True,
+            lmcache_layerwise=True,
+        ),
+        Peer(
+            "tiered-no-pins",
+            scheduling_policy="priority",
+            hooks=PROGRAM_FCFS,
+            lmcache=True,
+            lmcache_layerwise=True,
+            lmcache_cost_aware=True,
+        ),
         Peer("retention-bound", lmcache=True, lmcache_free=True, every_order=True),
         Peer("oracle", unlimited_kv=True, every_order=True),
     )
 }
 
+
+# From vllm to tiered, one mechanism at a time: (peer, what it adds to the one before).
+COMPONENTS = (
+    ("vllm", "baseline"),
+    ("vllm+priority", "program FCFS"),
+    ("lmcache+priority", "CPU/disk tiers"),
+    ("lmcache-layerwise+priority", "layer-wise loads"),
+    ("tiered-no-pins", "cost-aware loads"),
+    ("tiered", "pins"),
+)
 
 # Queue orders an oracle run tries: (scheduling policy, hooks).
 QUEUE_ORDERS = (
