@@ -186,7 +186,8 @@ def plot(runs: dict[str, SystemRun], path: Path) -> None:
         ),
         fontsize=9,
     )
-    ax.legend()
+    ax.margins(y=0.15)  # room for the legend above the bars
+    ax.legend(ncols=len(NAMES), loc="upper center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -120,12 +120,21 @@ def served_engine(setup: EngineSetup) -> Iterator[LLMEngine]:
 def warm_up(engine: LLMEngine, vocab_size: int) -> None:
     """One prefill and a few decode steps (the first steps of a fresh engine pay one-time
     costs), then a prefix cache as empty as at start."""
-    prompt = [FIRST_TOKEN_ID + k % (vocab_size - FIRST_TOKEN_ID) for k in range(WARM_UP_TOKENS)]
-    params = SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)
-    engine.add_request("warm-up", TokensPrompt(prompt_token_ids=prompt), params)
+    timed_request(engine, vocab_size, WARM_UP_TOKENS, max_tokens=8)
+
+
+def timed_request(engine: LLMEngine, vocab_size: int, prompt_tokens: int, max_tokens: int) -> float:
+    """Seconds from adding one request alone to its last token; the prefix cache is emptied
+    afterwards. On an idle engine: a probe of how fast the engine steps right now."""
+    prompt = [FIRST_TOKEN_ID + k % (vocab_size - FIRST_TOKEN_ID) for k in range(prompt_tokens)]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    start = time.perf_counter()
+    engine.add_request("probe", TokensPrompt(prompt_token_ids=prompt), params)
     while engine.has_unfinished_requests():
         engine.step()
+    seconds = time.perf_counter() - start
     reset_prefix_cache(engine)
+    return seconds
 
 
 def reset_prefix_cache(engine: LLMEngine) -> None:
