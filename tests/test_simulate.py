@@ -289,3 +289,24 @@ def test_a_disk_read_under_a_write_backlog_is_slower(simple_profile, tmp_path):
 
     alone, contended = jct_of_a(TWO_BLOCKS), jct_of_a(TWO_BLOCKS / 4)
     assert contended == pytest.approx(alone + 3.0, rel=1e-3)
+
+
+def test_vllm_offload_loads_asynchronously_without_stalling_the_batch(simple_profile, tmp_path):
+    """A's two prefix blocks are evicted from the GPU by C, and come back from the CPU tier
+    over a link that needs 1 s for them, while B decodes. LMCache's synchronous load holds
+    the whole step (B waits too); vLLM's offloading connector loads while B runs, and only
+    A waits."""
+    cpu = Tier("cpu", TWO_BLOCKS, 0.0, write_bandwidth_bytes_per_s=1e12)
+    setup = _tiered_setup(simple_profile, tmp_path, cpu, Tier("disk", 1e12, 0.0), num_blocks=22)
+    a = TraceProgram("a", (Turn(32, 2, "grep", 1.0), Turn(48, 2, None, 0.0)), arrival_s=0.0)
+    c = TraceProgram("c", (Turn(320, 2, None, 0.0),), arrival_s=0.1)
+    b = TraceProgram("b", (Turn(100, 200, None, 0.0),), arrival_s=0.5)
+
+    def jcts(peer: str) -> dict[str, float]:
+        _, runs = replay(PEERS[peer], [a, b, c], setup, 1)
+        assert runs[0].hit_tokens == 32  # A's prefix came back from the CPU tier
+        return {run.program.program_id: run.jct_s for run in runs}
+
+    sync, offload = jcts("vllm+lmcache"), jcts("vllm-offload")
+    assert offload["a"] >= 0.047 + 1.0 + 1.0  # A still waits for its load
+    assert offload["b"] < sync["b"] - 0.9  # but B no longer does

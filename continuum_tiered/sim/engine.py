@@ -22,6 +22,7 @@ import heapq
 import random
 from collections.abc import Callable
 
+from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
 from continuum_tiered.connectors.continuum import ContinuumConnector
@@ -69,6 +70,8 @@ class VirtualEngine:
         connectors = self._connectors()
         pins = next((c for c in connectors if isinstance(c, ContinuumConnector)), None)
         self.lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
+        if self.lmcache is not None:
+            self.lmcache.clock = lambda: self.now
         if pins is not None:
             pins.clock = lambda: self.now
             if self.lmcache is not None:
@@ -93,6 +96,7 @@ class VirtualEngine:
                 continue
             out = scheduler.schedule()
             if out.total_num_scheduled_tokens == 0:
+                self._feed_back(out)  # as the engine core does: async loads report here too
                 idle_steps += 1
                 if not scheduler.get_num_unfinished_requests():
                     continue  # a step that only reported finished requests
@@ -100,14 +104,16 @@ class VirtualEngine:
                     # A step can schedule nothing while a preemption or a pin release
                     # settles; the next one runs. Time only moves when nothing does.
                     continue
-                if not self._events:
+                next_s = self._next_event_s()
+                if next_s is None:
                     waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
                     raise RuntimeError(
                         f"replay stalled at {self.now:.1f} s: nothing can run; waiting "
                         f"{waiting[:5]}, running {len(scheduler.running)}, free blocks "
                         f"{self.driver.block_pool.get_num_free_blocks()}"
                     )
-                self.now = max(self.now, self._events[0][0])
+                self.now = max(self.now, next_s)
+                idle_steps = 0  # what happens then (a load reported) needs its own steps
                 continue
             idle_steps = 0
             start = self.now
@@ -126,6 +132,13 @@ class VirtualEngine:
             for rid in finished:
                 self._turn_finished(rid, on_program_done)
         return self.runs
+
+    def _next_event_s(self) -> float | None:
+        """When something next happens without a step: an arrival or an async load done."""
+        times = [self._events[0][0]] if self._events else []
+        if self.lmcache is not None and (load := self.lmcache.next_load_done()) is not None:
+            times.append(load)
+        return min(times, default=None)
 
     def _submit_due(self) -> None:
         while self._events and self._events[0][0] <= self.now:
@@ -182,6 +195,9 @@ class VirtualEngine:
 
     def _feed_back(self, out) -> list[str]:
         runner_out = self.driver.runner_output(out, self._next_token)
+        if self.lmcache is not None and self.lmcache.async_transfers:
+            received = self.lmcache.finished_loads(self.now)
+            runner_out.kv_connector_output = KVConnectorOutput(finished_recving=received)
         engine_outputs = self.scheduler.update_from_output(out, runner_out)
         return [
             o.request_id

@@ -15,6 +15,13 @@ is :mod:`.tier_links`'. Without
 ``layerwise`` (LMCache's ``use_layerwise``: layer i+1 moves while layer i computes) both
 overlap the step's compute and each other.
 
+With ``async`` it models vLLM's own CPU offloading connector (``--kv-offloading-size``)
+instead: a hit is loaded asynchronously (the request waits in ``WAITING_FOR_REMOTE_KVS``
+while the others run; loads queue on the host->device link) and stores are copied on a
+side stream, off the step's critical path. Not modelled: that connector delays freeing a
+finished request's blocks until their store is done (a store takes a fraction of a step
+at PCIe rates).
+
 ``SimLMCacheConnector`` is a scheduler-side vLLM connector; the replay composes it with
 ``ContinuumConnector`` through vLLM's ``MultiConnector`` as a deployment would.
 """
@@ -24,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
@@ -57,7 +64,8 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
     recomputed, as ``ContinuumTieredConnector`` decides; absent, every hit is loaded, as
     LMCache does), which the replay fills in, and ``free`` (default false; not LMCache but
     the bound on any retention policy): the CPU tier is unbounded and its loads and
-    stores take no time."""
+    stores take no time, and ``async`` (default false; see the module docstring). An
+    async model needs ``clock`` set to the replay's."""
 
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -84,6 +92,10 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         )
         self.write_through = bool(extra.get("write_through", True))
         self.layerwise = bool(extra.get("layerwise", False))
+        self.async_transfers = bool(extra.get("async", False))
+        self.clock: Callable[[], float] = lambda: 0.0
+        self._h2d_free_at = 0.0  # async loads queue on the link
+        self._receiving: dict[str, float] = {}  # request -> when its async load is done
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         self._requests: dict[str, Request] = {}
         self._planned: dict[str, tuple[int, list[str]]] = {}  # request -> (first block, tiers)
@@ -97,7 +109,7 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         """The step's time with the transfers planned for it; its stores then queue
         their disk writes."""
         load_bytes = {tier: n * self.block_bytes for tier, n in self._loads.items()}
-        store_bytes = len(self._stores) * self.block_bytes
+        store_bytes = 0 if self.async_transfers else len(self._stores) * self.block_bytes
         self._loads.clear()
         if self.free:
             self._stores.clear()
@@ -150,7 +162,22 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         if self.load_cost is not None and not self.load_cost.load_pays(num_computed_tokens, found):
             return 0, False
         self._planned[request.request_id] = (start, found)
-        return len(found) * self.block_size, False
+        return len(found) * self.block_size, self.async_transfers
+
+    def _load_async(self, request_id: str, nbytes: int) -> None:
+        start = max(self.clock(), self._h2d_free_at)
+        self._h2d_free_at = start + self.links.pcie_latency_s + nbytes / self.links.h2d
+        self._receiving[request_id] = self._h2d_free_at
+
+    def finished_loads(self, now: float) -> set[str]:
+        """Async loads done by ``now``: what the workers would report as received."""
+        done = {rid for rid, at in self._receiving.items() if at <= now}
+        for rid in done:
+            del self._receiving[rid]
+        return done
+
+    def next_load_done(self) -> float | None:
+        return min(self._receiving.values(), default=None)
 
     def _readable(self, keys: list[Hashable]) -> list[str]:
         """The tiers of the leading keys a lookup finds; a disk copy still being written
@@ -171,7 +198,10 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
             return
         start, found = planned
         found = found[: num_external_tokens // self.block_size]
-        self._loads.update(found)
+        if self.async_transfers:
+            self._load_async(request.request_id, len(found) * self.block_bytes)
+        else:
+            self._loads.update(found)
         # Loaded blocks become the CPU tier's most recent (disk hits are promoted). A block
         # may have moved since the lookup (another request's promotion pushed it down).
         for key in request.block_hashes[start : start + len(found)]:

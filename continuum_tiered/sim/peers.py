@@ -12,6 +12,7 @@
 | ``retention-bound`` | the best of the three orders above | kept off the GPU, back at no cost |
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
 | ``lmcache-layerwise+priority`` | program FCFS | LMCache write-through, layer-wise loads |
+| ``vllm-offload`` | request FCFS | vLLM's CPU offloading connector: async loads, no disk |
 
 The strongest configuration a user can assemble without us is
 ``lmcache-layerwise+priority``: vLLM's priority scheduling with the program's first
@@ -68,6 +69,8 @@ class Peer:
     lmcache_layerwise: bool = False  # loads overlap the forward pass (use_layerwise)
     lmcache_cost_aware: bool = False  # a hit slower to load than to prefill is recomputed
     lmcache_free: bool = False  # an unbounded CPU tier whose loads take no time
+    lmcache_disk: bool = True  # a disk tier below the CPU one
+    async_transfers: bool = False  # loads wait outside the step, stores on a side stream
     unlimited_kv: bool = False
     every_order: bool = False  # run each of QUEUE_ORDERS and keep the lowest average JCT
 
@@ -123,6 +126,7 @@ PEERS: dict[str, Peer] = {
             lmcache_layerwise=True,
             lmcache_cost_aware=True,
         ),
+        Peer("vllm-offload", lmcache=True, lmcache_disk=False, async_transfers=True),
         Peer("retention-bound", lmcache=True, lmcache_free=True, every_order=True),
         Peer("oracle", unlimited_kv=True, every_order=True),
     )

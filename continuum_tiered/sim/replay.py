@@ -84,7 +84,8 @@ def connector_config(peer: Peer, setup: ReplaySetup, profile: TierProfile) -> di
         extra = {
             "links": links.to_json(),
             "cpu_bytes": d.cpu_tier_bytes,
-            "disk_bytes": d.disk_tier_bytes,
+            "disk_bytes": d.disk_tier_bytes if peer.lmcache_disk else 0,
+            "async": peer.async_transfers,
             "kv_bytes_per_token": d.kv_bytes_per_token(),
             "tiers": tiers,
             "write_through": peer.lmcache_write_through,
