@@ -310,3 +310,15 @@ def test_vllm_offload_loads_asynchronously_without_stalling_the_batch(simple_pro
     sync, offload = jcts("vllm+lmcache"), jcts("vllm-offload")
     assert offload["a"] >= 0.047 + 1.0 + 1.0  # A still waits for its load
     assert offload["b"] < sync["b"] - 0.9  # but B no longer does
+
+
+def test_continuum_plugin_pins_two_seconds_until_it_has_samples(simple_profile):
+    """The public plugin's cold start pins every tool call for 2 s, so A's second turn
+    after a 1.5 s tool finds its program holding a pin (and would be queued ahead of
+    pinless programs). ``continuum``'s cold start, ln(benefit) for the tiny benefit of a
+    32-token prefix, pins nothing."""
+    a = TraceProgram("a", (Turn(32, 2, "grep", 1.5), Turn(48, 2, None, 0.0)), arrival_s=0.0)
+    setup = ReplaySetup(DEPLOYMENT, simple_profile)
+    _, (plugin,) = replay(PEERS["continuum-plugin"], [a], setup, 1)
+    _, (plain,) = replay(PEERS["continuum"], [a], setup, 1)
+    assert plugin.holds_pin and not plain.holds_pin

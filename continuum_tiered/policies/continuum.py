@@ -15,7 +15,11 @@ from continuum_tiered.ttl import (
 
 
 class ContinuumPolicy(RetentionPolicy):
-    """tau* = argmax P(tau, tool) * (T_q * eta + ReloadOrPrefill) - tau."""
+    """tau* = argmax P(tau, tool) * (T_q * eta + ReloadOrPrefill) - tau.
+
+    Until a tool has ``min_samples`` durations the TTL is the optimum for Exp(1 s) tool
+    times, or ``cold_start_ttl_s`` when given (the public Continuum plugin's fixed 2 s).
+    """
 
     name = "continuum"
 
@@ -28,8 +32,12 @@ class ContinuumPolicy(RetentionPolicy):
         queue_window: int = 64,
         eta_min_programs: int = 10,
         eta_window: int = 1000,
+        cold_start_ttl_s: float | None = None,
     ) -> None:
+        if cold_start_ttl_s is not None and not cold_start_ttl_s >= 0:
+            raise ValueError(f"cold_start_ttl_s must be >= 0, got {cold_start_ttl_s}")
         self.profile = profile
+        self.cold_start_ttl_s = cold_start_ttl_s
         self.tool_durations = ToolDurationModel(min_samples, duration_window, max_tools)
         self.queue_delay = SlidingMean(queue_window)
         self.eta = EtaEstimator(eta_min_programs, eta_window)
@@ -44,7 +52,10 @@ class ContinuumPolicy(RetentionPolicy):
         benefit = self.benefit_s(turn)
         selected = self.tool_durations.select(turn.tool)
         if selected is None:
-            return TTLDecision(cold_start_ttl(benefit), benefit, "cold-start")
+            ttl = (
+                cold_start_ttl(benefit) if self.cold_start_ttl_s is None else self.cold_start_ttl_s
+            )
+            return TTLDecision(ttl, benefit, "cold-start")
         cdf, scope = selected
         return TTLDecision(fast_best_ttl(cdf, benefit), benefit, scope)
 

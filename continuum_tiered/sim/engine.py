@@ -69,6 +69,7 @@ class VirtualEngine:
         self._waiting_since: dict[str, float] = {}
         connectors = self._connectors()
         pins = next((c for c in connectors if isinstance(c, ContinuumConnector)), None)
+        self._pins = pins
         self.lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
         if self.lmcache is not None:
             self.lmcache.clock = lambda: self.now
@@ -159,6 +160,9 @@ class VirtualEngine:
         )
         if run.turn == 0:
             run.start_s = self.now
+        run.holds_pin = (
+            self._pins is not None and self._pins.pins.get(run.program.program_id) is not None
+        )
         self._by_request[rid] = run
         self._waiting_since[rid] = self.now
         run.prompt_tokens += len(run.context)

@@ -13,6 +13,12 @@
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
 | ``lmcache-layerwise+priority`` | program FCFS | LMCache write-through, layer-wise loads |
 | ``vllm-offload`` | request FCFS | vLLM's CPU offloading connector: async loads, no disk |
+| ``continuum-plugin`` | pinned, then program FCFS | 2 s until 100 samples, then the TTL |
+
+``continuum-plugin`` is the public Continuum plugin's behaviour (DESIGN.md section 8): a
+returning turn whose program still holds a pin goes ahead of the others. Its queue also
+puts preempted requests first, which vLLM's priority scheduler does not do (a preempted
+request goes back by its priority); that part is not modelled.
 
 The strongest configuration a user can assemble without us is
 ``lmcache-layerwise+priority``: vLLM's priority scheduling with the program's first
@@ -52,6 +58,10 @@ def _program_fcfs(run: ProgramRun) -> int:
 
 def _least_attained_service(run: ProgramRun) -> int:
     return int(run.attained_s * 1e6)
+
+
+def _pinned_then_program_fcfs(run: ProgramRun) -> int:
+    return run.seq if run.holds_pin else run.seq + (1 << 40)
 
 
 PROGRAM_FCFS = EngineHooks(priority=_program_fcfs, send_hints=True)
@@ -125,6 +135,13 @@ PEERS: dict[str, Peer] = {
             lmcache=True,
             lmcache_layerwise=True,
             lmcache_cost_aware=True,
+        ),
+        Peer(
+            "continuum-plugin",
+            scheduling_policy="priority",
+            hooks=EngineHooks(priority=_pinned_then_program_fcfs, send_hints=True),
+            pin_policy="continuum",
+            pin_options={"cold_start_ttl_s": 2.0},
         ),
         Peer("vllm-offload", lmcache=True, lmcache_disk=False, async_transfers=True),
         Peer("retention-bound", lmcache=True, lmcache_free=True, every_order=True),

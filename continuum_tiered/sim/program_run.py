@@ -27,6 +27,7 @@ class ProgramRun:
     queue_s: float = 0.0
     prompt_tokens: int = 0
     hit_tokens: int = 0
+    holds_pin: bool = False  # when its latest turn arrived
 
     @property
     def jct_s(self) -> float:
