@@ -39,6 +39,7 @@ MAX_TURN = 2**31 - 1  # turns beyond a signed 32-bit integer are no agent's
 TOOL_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 _FIELDS = ("program_id", "turn", "last_turn", "tool")
+_FIELD_SET = frozenset(_FIELDS)
 KV_HINTS_ACTION_TYPE = HINTS_KEY
 KV_HINTS_ACTION_VERSION = "1"
 XARGS_PREFIX = "vllm_xargs"
@@ -184,8 +185,8 @@ def _parse_body(body: Any, prefix: str) -> ProgramHints:
     """Parse a ``{"program_id", "turn", "last_turn", "tool"}`` object found at ``prefix``."""
     if not isinstance(body, dict):
         raise HintError(prefix, body, "a JSON object with keys " + ", ".join(_FIELDS))
-    unknown = sorted(str(key) for key in body if key not in _FIELDS)
-    if unknown:
+    if not _FIELD_SET.issuperset(body):
+        unknown = sorted(str(key) for key in body if key not in _FIELD_SET)
         raise HintError(
             f"{prefix}.{unknown[0]}",
             unknown,

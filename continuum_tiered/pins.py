@@ -120,7 +120,7 @@ class PinTable:
             return None
         # Free tail-first: the free queue evicts the blocks it receives first, and the
         # deepest blocks of a prefix are the least likely to be shared with another turn.
-        self._pool.free_blocks(list(reversed(pin.blocks)))
+        self._pool.free_blocks(pin.blocks[::-1])
         self.releases[reason] += 1
         self.num_pinned_blocks -= pin.num_blocks
         self.version += 1

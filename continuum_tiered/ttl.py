@@ -6,8 +6,6 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from continuum_tiered.tool_durations import EmpiricalCDF
 
 
@@ -46,8 +44,9 @@ def fast_best_ttl(cdf: EmpiricalCDF, benefit_s: float) -> float:
     ``argmax`` returns the first maximum, so exact ties still go to the smallest tau.
     """
     values, probs = cdf.curve
-    scores = probs * benefit_s - values
-    best = int(np.argmax(scores))
+    scores = probs * benefit_s
+    scores -= values  # in place: one temporary array, not two
+    best = int(scores.argmax())
     return float(values[best]) if scores[best] > 0 else 0.0
 
 
@@ -57,16 +56,19 @@ def cold_start_ttl(benefit_s: float) -> float:
 
 
 class SlidingMean:
-    """Mean of the last ``window`` values; 0.0 before the first."""
+    """Mean of the last ``window`` values; 0.0 before the first. Read once per finished
+    turn, so the exact sum is kept until the next value arrives."""
 
     def __init__(self, window: int = 64) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self._values: deque[float] = deque(maxlen=window)
+        self._mean: float | None = 0.0
 
     def add(self, x: float) -> None:
         if math.isfinite(x):
             self._values.append(x)
+            self._mean = None
 
     @property
     def count(self) -> int:
@@ -74,7 +76,9 @@ class SlidingMean:
 
     @property
     def value(self) -> float:
-        return math.fsum(self._values) / len(self._values) if self._values else 0.0
+        if self._mean is None:
+            self._mean = math.fsum(self._values) / len(self._values)
+        return self._mean
 
 
 def _pair_sums(n: int) -> tuple[int, int, int, int, int, int]:
@@ -105,6 +109,7 @@ class EtaEstimator:
         self._turns: deque[int] = deque()
         self._window = window
         self._sums = [0] * 6
+        self._value: float | None = None  # cached until the next finished program
 
     @property
     def count(self) -> int:
@@ -118,6 +123,7 @@ class EtaEstimator:
             self._update(self._turns.popleft(), -1)
         self._turns.append(total_turns)
         self._update(total_turns, +1)
+        self._value = None
 
     def _update(self, total_turns: int, sign: int) -> None:
         for i, s in enumerate(_pair_sums(total_turns)):
@@ -125,6 +131,11 @@ class EtaEstimator:
 
     @property
     def value(self) -> float:
+        if self._value is None:
+            self._value = self._correlation()
+        return self._value
+
+    def _correlation(self) -> float:
         if len(self._turns) < self.min_programs:
             return 1.0
         m, sum_k, sum_k2, sum_r, sum_r2, sum_kr = self._sums

@@ -25,8 +25,10 @@ Every hook runs on the scheduler thread; the worker-side half is a no-op.
 
 from __future__ import annotations
 
+import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -58,6 +60,15 @@ logger = init_logger(__name__)
 
 # Turns that ended normally; aborted, errored or ignored requests are never pinned.
 _PINNABLE = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED})
+_IS_NULL = attrgetter("is_null")
+_BLOCK_HASH = attrgetter("block_hash")
+
+
+def _shared_blocks(pinned: list[Any], held: Sequence[Any]) -> int:
+    """How many of a pin's blocks a request holds. A pinned block can only be held at its
+    own position: its hash chains every block before it, and a pinned block is never in
+    the free queue, so never newly allocated at another position."""
+    return sum(map(operator.is_, pinned, held))
 
 
 class ContinuumConnector(SchedulerOnlyConnector):
@@ -151,8 +162,10 @@ class ContinuumConnector(SchedulerOnlyConnector):
         """Make room for ``request`` (``num_computed_tokens``: its local prefix hit)."""
         if self._admissions_held:
             return None, False  # vLLM skips it this step: the blocks are the running batch's
+        if not len(self.pins):
+            return 0, False  # nothing to release
         free = self._block_pool.get_num_free_blocks
-        if free() >= self._demand.admission_upper_bound(request) or not len(self.pins):
+        if free() >= self._demand.admission_upper_bound(request):
             return 0, False
         self._expire()
         admission = self._demand.admission(request, num_computed_tokens)
@@ -175,8 +188,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
         pin = self.pins.release(program_id, ReleaseReason.HANDED_OVER)
         hit_tokens = 0
         if pin is not None:
-            held = {id(block) for block in blocks.blocks[0]}
-            hit_tokens = self.block_size * sum(1 for block in pin.blocks if id(block) in held)
+            hit_tokens = self.block_size * _shared_blocks(pin.blocks, blocks.blocks[0])
             self._counters["pinned_prefix_hit_tokens"] += hit_tokens
             self._counters["pin_handovers"] += 1
         self.programs.record_prompt(program_id, request.num_prompt_tokens, hit_tokens)
@@ -215,8 +227,12 @@ class ContinuumConnector(SchedulerOnlyConnector):
         self._tool_ttls[self._tool_labels.label(tool)] = decision.ttl_s
         if decision.offload and self.offload is not None:
             self.offload(request)
-        blocks = self._full_cached_blocks(block_ids, request.num_computed_tokens)
-        pinned = decision.ttl_s > 0 and bool(blocks)
+        blocks = (
+            self._full_cached_blocks(block_ids, request.num_computed_tokens)
+            if decision.ttl_s > 0
+            else []
+        )
+        pinned = bool(blocks)
         program = self.programs.turn_finished(
             hints.program_id, now, tool, request.num_tokens, pinned=pinned
         )
@@ -346,12 +362,17 @@ class ContinuumConnector(SchedulerOnlyConnector):
     def _full_cached_blocks(self, block_ids: list[int], num_computed_tokens: int) -> list[Any]:
         """The turn's full, hashed blocks, up to the first one that is not (a hole would
         make the rest unreachable by a prefix lookup). The null block is never pinned."""
-        blocks = []
-        for block_id in block_ids[: num_computed_tokens // self.block_size]:
-            block = self._block_pool.blocks[block_id]
-            if block.is_null or block.block_hash is None:
-                break
-            blocks.append(block)
+        blocks = list(
+            map(
+                self._block_pool.blocks.__getitem__,
+                block_ids[: num_computed_tokens // self.block_size],
+            )
+        )
+        if any(map(_IS_NULL, blocks)) or None in map(_BLOCK_HASH, blocks):
+            # The rare case (a sliding window's null blocks, a block not hashed yet):
+            # find the first hole.
+            end = next(n for n, b in enumerate(blocks) if b.is_null or b.block_hash is None)
+            del blocks[end:]
         return blocks
 
     def _end_program(self, program_id: str) -> None:
