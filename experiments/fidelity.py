@@ -21,6 +21,8 @@
    ``continuum-tiered serve`` (real HTTP, streamed replies, the client in this process);
    per turn, their JCT less the engine-alone replay's, and the time outside vLLM's own
    end-to-end latency (``/metrics``).
+   Then a diagnostic: the medium load again, on both sides, with the connector's policy
+   ``none`` (the same connector and program FCFS, no pins).
 5. Print the table; write ``results.json`` and ``fidelity.png`` to ``--out``.
 
     python experiments/fidelity.py [--programs 6] [--turns 6] [--jps 0.1,0.3,2]
@@ -66,7 +68,7 @@ from continuum_tiered.plots import pyplot
 from continuum_tiered.profile import TierProfile
 from continuum_tiered.server import ServerProcess, plugin_server_command, prometheus_samples
 from continuum_tiered.sim.deployment import Deployment
-from continuum_tiered.sim.peers import get_peer
+from continuum_tiered.sim.peers import PROGRAM_FCFS, Peer, get_peer
 from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.tiny_model import write_tiny_llama
@@ -77,6 +79,9 @@ MAX_BATCHED_TOKENS = 2048
 MAX_SEQS = 64
 TARGET = 0.10
 PEER = "continuum"  # the retention policy on both sides
+# The diagnostic beside it: the same connector and program FCFS without pins.
+NO_PINS = Peer("program-fcfs", scheduling_policy="priority", hooks=PROGRAM_FCFS, pin_policy="none")
+PEERS = {peer.pin_policy: peer for peer in (get_peer(PEER), NO_PINS)}  # by connector policy
 E2E = "vllm:e2e_request_latency_seconds"
 LOAD_NAMES = ("light", "medium", "saturating")
 HTTP_LOAD = 1  # the load whose programs also run through the HTTP server
@@ -91,11 +96,15 @@ class LoadResult:
     jps: float
     real: RunSummary
     virtual: RunSummary
-    real_jcts: list[float]
+    records: list[ProgramRecord]  # the real run's, turn by turn
     virtual_jcts: list[float]
     load_average: tuple[float, float]  # 1-minute load average before and after the real run
     speed: float  # the probe's time on the engine over the profile's, around the real run
     scaled: RunSummary  # the virtual replay with every step ``speed`` times as long
+
+    @property
+    def real_jcts(self) -> list[float]:
+        return [record.jct_s for record in self.records]
 
     @property
     def error(self) -> float:
@@ -118,6 +127,7 @@ class LoadResult:
             "scaled_avg_jct_error": self.scaled_error,
             "real_jcts_s": self.real_jcts,
             "virtual_jcts_s": self.virtual_jcts,
+            "real_programs": [dataclasses.asdict(record) for record in self.records],
         }
 
 
@@ -214,7 +224,11 @@ def virtual_time(
     )
     with tqdm(total=len(programs), unit="program", desc="virtual time") as bar:
         summary, runs = replay(
-            get_peer(PEER), programs, ReplaySetup(deployment, str(profile), seed), jps, bar.update
+            PEERS[setup.policy],
+            programs,
+            ReplaySetup(deployment, str(profile), seed),
+            jps,
+            bar.update,
         )
     by_id = {run.program.program_id: run.jct_s for run in runs}
     return summary, [by_id[p.program_id] for p in programs]
@@ -238,8 +252,7 @@ def one_load(
     virtual, virtual_jcts = virtual_time(setup, programs, profile, seed, jps)
     scaled, _ = virtual_time(setup, programs, scaled_profile(profile, speed, out), seed, jps)
     real = summarize_records("engine, real time", jps, records)
-    jcts = [r.jct_s for r in records]
-    return LoadResult(name, jps, real, virtual, jcts, virtual_jcts, load, speed, scaled)
+    return LoadResult(name, jps, real, virtual, records, virtual_jcts, load, speed, scaled)
 
 
 def served_round_trip(
@@ -285,21 +298,21 @@ def served_round_trip(
     )
 
 
-def print_table(results: Sequence[LoadResult], trip: RoundTrip) -> None:
+def print_table(results: Sequence[LoadResult], no_pins: LoadResult, trip: RoundTrip) -> None:
     print(
-        f"\n{'load':<11}{'jps':>6}{'real avg':>10}{'virt avg':>10}{'error':>8}"
+        f"\n{'load':<16}{'jps':>6}{'real avg':>10}{'virt avg':>10}{'error':>8}"
         f"{'real p95':>10}{'virt p95':>10}{'hit real':>9}{'hit virt':>9}  load avg"
         f"{'probe':>7}{'virt x probe':>13}{'error':>8}"
     )
-    for r in results:
+    for r in [*results, no_pins]:
         print(
-            f"{r.name:<11}{r.jps:>6g}{r.real.avg_jct_s:>10.2f}{r.virtual.avg_jct_s:>10.2f}"
+            f"{r.name:<16}{r.jps:>6g}{r.real.avg_jct_s:>10.2f}{r.virtual.avg_jct_s:>10.2f}"
             f"{r.error:>+8.1%}{r.real.p95_jct_s:>10.2f}{r.virtual.p95_jct_s:>10.2f}"
             f"{r.real.prefix_hit_ratio:>9.2f}{r.virtual.prefix_hit_ratio:>9.2f}"
             f"  {r.load_average[0]:.2f}-{r.load_average[1]:.2f}"
             f"{r.speed:>7.2f}{r.scaled.avg_jct_s:>13.2f}{r.scaled_error:>+8.1%}"
         )
-    worst = max(results, key=lambda r: abs(r.error))
+    worst = max(results, key=lambda r: abs(r.error))  # the policy under test only
     verdict = "PASS" if abs(worst.error) <= TARGET else "FAIL"
     print(
         f"{verdict}: largest error {worst.error:+.1%} at the {worst.name} load "
@@ -308,6 +321,10 @@ def print_table(results: Sequence[LoadResult], trip: RoundTrip) -> None:
     print(
         "probe: one request alone on the engine just before and after the real run, over "
         "the profile's time for it; 'virt x probe' replays with every step that much longer"
+    )
+    print(
+        f"'{no_pins.name}': the connector with policy none (program FCFS, no pins), a "
+        "diagnostic of what the pins change in each replay"
     )
     print(
         f"HTTP round trip at {trip.jps:g} programs/s: average JCT {trip.http_avg_jct_s:.2f} s "
@@ -374,19 +391,23 @@ def main() -> int:
         one_load(name, jps, setup, trace, profile, args.seed, args.out)
         for name, jps in zip(LOAD_NAMES, args.jps, strict=True)
     ]
+    without_pins = dataclasses.replace(setup, policy=NO_PINS.pin_policy)
+    name = f"{LOAD_NAMES[HTTP_LOAD]}, no pins"
+    no_pins = one_load(name, args.jps[HTTP_LOAD], without_pins, trace, profile, args.seed, args.out)
     http_programs = with_poisson_arrivals(trace, args.jps[HTTP_LOAD], args.seed)
     trip = served_round_trip(setup, profile, http_programs, results[HTTP_LOAD], args.out)
     print(
         f"\n{args.programs} programs x {args.turns} turns (tokens x{args.token_scale:g}), KV pool "
         f"{args.kv_blocks} blocks, policy {PEER}, CPU build on {os.cpu_count()} CPUs; JCTs in s"
     )
-    print_table(results, trip)
+    print_table(results, no_pins, trip)
     (args.out / "results.json").write_text(
         json.dumps(
             {
                 "setup": vars(args),
                 "target": TARGET,
                 "loads": [r.to_json() for r in results],
+                "no_pins": no_pins.to_json(),
                 "http_round_trip": trip.to_json(),
             },
             indent=2,
