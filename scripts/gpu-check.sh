@@ -12,6 +12,9 @@
 # Everything lands in one folder (default out/gpu-check/<UTC time>), with summary.txt.
 #
 #   bash scripts/gpu-check.sh [--out DIR]       the check (needs a CUDA device)
+#   bash scripts/gpu-check.sh --rehearse [--out DIR]
+#                                               every step on the CPU with the tiny test model
+#                                               (checks the kit itself, measures nothing)
 #   bash scripts/gpu-check.sh --compare-only DIR
 #                                               the comparison table again, from DIR's profiles
 #   bash scripts/gpu-check.sh --fetch-wheels [3.X]
@@ -28,21 +31,30 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 PY=${PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-.cache/gpu-kit/wheels}
-MODELS=(llama-3.1-8b llama-3.1-70b-tp4)
+DEVICE=cuda
+MODELS=(llama-3.1-8b llama-3.1-70b-tp4) # each compared with the built-in h100-MODEL profile
+MAX_TOKENS=16384                        # the longest context profiled
+LMCACHE_TOKENS=8192
+LMCACHE_NATIVE=lmcache.cuda_ops # LMCache's CUDA kernels, built against one torch
 # Distributions the kit may need beyond torch, numpy and transformers. No dependency is
 # resolved on the GPU machine, so each list is complete. The profiler's:
 PROFILER_DEPS=(matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing
-  python-dateutil six packaging aiofiles tqdm)
+  python-dateutil packaging aiofiles tqdm)
 # LMCache (without its declared dependencies, as bootstrap.sh installs it) and what its
-# engine, GPU connector and CPU and disk tiers import.
+# engine, GPU connector and CPU and disk tiers import (found in a bare torch + transformers
+# environment). It imports numba at import time, whose llvmlite wheel alone is 60 MB: more
+# than the kit can carry (NOT_CARRIED); the step runs where the machine has numba.
 LMCACHE_VERSION=0.5.6
-LMCACHE_DEPS=(lmcache aiofile caio msgspec sortedcontainers prometheus-client psutil pyyaml
-  pyzmq py-cpuinfo cbor2 cachetools nvtx)
-# The test modules' imports (tests/test_profiling.py imports the whole CLI).
-TEST_DEPS=(pytest pluggy iniconfig hypothesis attrs openai httpx httpcore anyio sniffio idna
-  certifi h11 distro jiter pydantic pydantic-core annotated-types typing-inspection
-  typing-extensions starlette uvicorn click aiohttp aiohappyeyeballs aiosignal frozenlist
-  multidict propcache yarl python-multipart)
+LMCACHE_DEPS=(lmcache numba llvmlite aiofile caio msgspec sortedcontainers prometheus-client
+  psutil py-cpuinfo cachetools cbor2 pyyaml aiohttp aiohappyeyeballs aiosignal attrs
+  frozenlist multidict propcache yarl idna requests urllib3 certifi charset-normalizer
+  cryptography cffi pycparser)
+NOT_CARRIED=(numba llvmlite)
+# The test module's imports (tests/test_profiling.py imports the whole CLI).
+TEST_DEPS=(pytest pluggy iniconfig openai httpx httpcore anyio sniffio h11 distro jiter
+  pydantic pydantic-core annotated-types typing-inspection typing-extensions starlette
+  uvicorn click aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl
+  idna certifi)
 WHEEL_BUDGET_MIB=60 # what travels with the repository: 64 MiB in all
 
 die() {
@@ -52,11 +64,20 @@ die() {
 
 fetch_wheels() {
   local version=${1:-$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')}
-  local dir="$WHEELS/cp${version/./}" dist dists=() mib
+  local dir="$WHEELS/cp${version/./}" dists=() mib
+  local carried=() dist
   for dist in "${PROFILER_DEPS[@]}" "${LMCACHE_DEPS[@]}" "${TEST_DEPS[@]}"; do
-    [ "$dist" = lmcache ] && dist=lmcache==$LMCACHE_VERSION
-    dists+=("$dist")
+    [[ " ${NOT_CARRIED[*]} ${carried[*]} " == *" $dist "* ]] || carried+=("$dist")
   done
+  # The versions of the project's own environment (tested together), where it has them.
+  mapfile -t dists < <("${VENV_PYTHON:-.venv/bin/python}" -c '
+import importlib.metadata as metadata, sys
+for dist in sys.argv[1:]:
+    try:
+        print(f"{dist}=={metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
+        print(dist)
+' "${carried[@]}" 2>/dev/null || printf '%s\n' "${carried[@]}")
   mkdir -p "$dir"
   "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -95,10 +116,12 @@ print(" ".join(missing))
 
 compare() {
   local dir=$1 pairs=() model
-  for model in "${MODELS[@]}"; do pairs+=("$dir/$model.json" "h100-$model"); done
+  for model in "${MODELS[@]}"; do pairs+=("$dir/$model.json" "$(derived "$model")"); done
   PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} "$PY" -m continuum_tiered.profiling.compare \
     --out "$dir/comparison.md" "${pairs[@]}"
 }
+
+derived() { if [ "$DEVICE" = cuda ]; then echo "h100-$1"; else echo "cpu-$1"; fi; }
 
 STATUS=()
 FAILED=0
@@ -119,23 +142,30 @@ run_step() {
   [ "$rc" -eq 0 ] || FAILED=1
 }
 
-case ${1:-} in
-  --fetch-wheels)
-    fetch_wheels "${2:-}"
-    exit 0
-    ;;
-  --compare-only)
-    [ -n "${2:-}" ] || die "--compare-only needs the folder of a previous run"
-    compare "$2"
-    exit $?
-    ;;
-  --out)
-    [ -n "${2:-}" ] || die "--out needs a folder"
-    OUT=$2
-    ;;
-  "") OUT=out/gpu-check/$(date -u +%Y%m%dT%H%M%SZ) ;;
-  *) die "unknown argument $1; usage: gpu-check.sh [--out DIR | --compare-only DIR | --fetch-wheels [3.X]]" ;;
-esac
+OUT=out/gpu-check/$(date -u +%Y%m%dT%H%M%SZ)
+while [ $# -gt 0 ]; do
+  case $1 in
+    --fetch-wheels)
+      fetch_wheels "${2:-}"
+      exit 0
+      ;;
+    --compare-only)
+      [ -n "${2:-}" ] || die "--compare-only needs the folder of a previous run"
+      compare "$2"
+      exit $?
+      ;;
+    --out)
+      [ -n "${2:-}" ] || die "--out needs a folder"
+      OUT=$2
+      shift
+      ;;
+    --rehearse)
+      DEVICE=cpu MODELS=(tiny-llama) MAX_TOKENS=1024 LMCACHE_TOKENS=512 LMCACHE_NATIVE=
+      ;;
+    *) die "unknown argument $1; usage: gpu-check.sh [--rehearse] [--out DIR] | --compare-only DIR | --fetch-wheels [3.X]" ;;
+  esac
+  shift
+done
 mkdir -p "$OUT" || die "cannot create $OUT"
 OUT=$(cd "$OUT" && pwd)
 PYLIB=$OUT/pylib
@@ -144,7 +174,9 @@ SUMMARY=$OUT/summary.txt
 # ------------------------------------------------------------------ what the kit needs
 command -v "$PY" >/dev/null || die "needs Python 3 ($PY not found; set PYTHON=...)"
 PYTAG=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-if ! device=$("$PY" -c '
+if [ "$DEVICE" = cpu ]; then
+  device="CPU rehearsal: the tiny test model, nothing measured for a GPU"
+elif ! device=$("$PY" -c '
 import sys
 try:
     import torch
@@ -179,7 +211,11 @@ for model in "${MODELS[@]}"; do
   "$PY" -c '
 import json, sys
 from continuum_tiered.sim.deployment import Deployment
-config = {**Deployment(model=sys.argv[1]).hf_config(), "_name_or_path": sys.argv[1]}
+from continuum_tiered.tiny_model import TinyLlamaShape, hf_config
+
+model = sys.argv[1]
+shape = hf_config(TinyLlamaShape()) if model == "tiny-llama" else Deployment(model).hf_config()
+config = {**shape, "_name_or_path": model}
 open(sys.argv[2], "w").write(json.dumps(config, indent=2))
 ' "$model" "$OUT/$model.config.json" || die "cannot write the config of $model"
   # `continuum-tiered profile`, without the other subcommands' imports (server, vLLM).
@@ -195,8 +231,8 @@ try:
     sys.exit(args.run(args, []))
 except ValueError as err:
     sys.exit(f"continuum-tiered profile: error: {err}")
-' --model "$OUT/$model.config.json" --device cuda --tiers "cpu,disk:$DISK" --quick \
-    --max-tokens 16384 --out "$OUT/$model.json"
+' --model "$OUT/$model.config.json" --device "$DEVICE" --tiers "cpu,disk:$DISK" \
+    --quick --max-tokens "$MAX_TOKENS" --out "$OUT/$model.json"
 done
 rm -rf "$DISK"
 if compare "$OUT" >"$OUT/comparison.log" 2>&1; then
@@ -208,14 +244,19 @@ fi
 
 # ------------------------------------------------------------------ 2. LMCache
 missing=$(unpack_missing "${LMCACHE_DEPS[@]}")
-if [ -n "$missing" ]; then
+if [[ " $missing " == *" numba "* ]]; then
+  record "lmcache store/load" "skipped: LMCache imports numba, which this machine lacks and \
+the kit cannot carry (llvmlite alone is 60 MB); install numba here to run this step"
+elif [ -n "$missing" ]; then
   record "lmcache store/load" "skipped: no wheel for $missing in $WHEELS/$PYTAG (--fetch-wheels)"
-elif ! error=$("$PY" -c "import lmcache.c_ops" 2>&1); then
-  record "lmcache store/load" "skipped: LMCache $LMCACHE_VERSION does not load against this torch: ${error##*$'\n'}"
+elif ! error=$("$PY" -c "import lmcache.v1.cache_engine${LMCACHE_NATIVE:+, $LMCACHE_NATIVE}" 2>&1); then
+  record "lmcache store/load" "skipped: LMCache $LMCACHE_VERSION does not load against this \
+torch: ${error##*$'\n'}"
 else
   run_step "lmcache store/load" "${LMCACHE_TIMEOUT:-60}" "$OUT/lmcache.log" \
-    "$PY" scripts/gpu_check_lmcache.py --config "$OUT/llama-3.1-8b.config.json" --device cuda \
-    --disk "$OUT/lmcache-disk" --out "$OUT/lmcache.json"
+    "$PY" scripts/gpu_check_lmcache.py --config "$OUT/${MODELS[0]}.config.json" \
+    --device "$DEVICE" --tokens "$LMCACHE_TOKENS" --disk "$OUT/lmcache-disk" \
+    --out "$OUT/lmcache.json"
   rm -rf "$OUT/lmcache-disk"
 fi
 
@@ -224,7 +265,8 @@ missing=$(unpack_missing "${TEST_DEPS[@]}")
 if ! "$PY" -c "import pytest" 2>/dev/null; then
   record "CUDA test paths" "skipped: pytest is not installed (--fetch-wheels brings it)"
 elif ! error=$("$PY" -c "import continuum_tiered.cli" 2>&1); then
-  record "CUDA test paths" "skipped: tests/test_profiling.py imports continuum_tiered.cli: ${error##*$'\n'}${missing:+ (no wheel for $missing)}"
+  record "CUDA test paths" "skipped: tests/test_profiling.py imports continuum_tiered.cli: \
+${error##*$'\n'}${missing:+ (no wheel for $missing)}"
 else
   run_step "CUDA test paths" "${TESTS_TIMEOUT:-60}" "$OUT/tests.log" \
     "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_profiling.py

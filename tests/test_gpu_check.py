@@ -1,12 +1,12 @@
 """scripts/gpu-check.sh, the GPU check kit, where there is no GPU: it stops naming the CUDA
-device it needs, and its pure-Python parts (the comparison table, LMCache's store and load
-on vLLM's CPU layout) work on fixture profiles and the tiny model."""
+device it needs; its comparison table works on fixture profiles; and its rehearsal runs
+every step on the CPU with the tiny model (LMCache's store and load on vLLM's CPU layout
+included, every byte checked)."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from continuum_tiered.profile import Tier, load_named_profile
+from continuum_tiered.profile import Tier, TierProfile, load_named_profile
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "scripts" / "gpu-check.sh"
@@ -75,22 +75,22 @@ def test_comparison_names_the_profile_a_failed_step_did_not_write(tmp_path: Path
     assert "llama-3.1-70b-tp4.json / h100-llama-3.1-70b-tp4\n\nnot compared" in run.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lmcache") is None, reason="LMCache not installed")
-def test_lmcache_step_stores_and_loads_every_byte_on_the_cpu_layout(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "lmcache.json"
-    argv = ["--config", str(tiny_model_dir / "config.json"), "--device", "cpu"]
-    argv += ["--disk", str(tmp_path / "disk"), "--tokens", "512", "--out", str(out)]
-    run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gpu_check_lmcache.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(out.read_text())
-    kv_bytes = 512 * 2 * 2 * 1 * 64 * 2  # tokens x layers x (K, V) x heads x head_dim x bf16
-    for tier in ("cpu", "disk"):
-        assert result[tier]["bytes"] == kv_bytes
-        assert result[tier]["store_gb_per_s"] > 0 and result[tier]["load_gb_per_s"] > 0
+def test_rehearsal_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
+    """--rehearse: the kit's own path (wheels check, profile, comparison, LMCache, tests)
+    on the CPU with the tiny model, so a mistake in it shows before a GPU is at hand."""
+    out = tmp_path / "out"
+    run = kit("--rehearse", "--out", str(out), timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    status = {
+        line[:32].strip(): line[32:].strip()
+        for line in (out / "summary.txt").read_text().splitlines()[1:6]
+    }
+    assert status["profile tiny-llama"] == "ok"
+    assert status["comparison"].startswith("ok")
+    assert status["CUDA test paths"] == "ok"
+    expected = "ok" if importlib.util.find_spec("lmcache") else "skipped"
+    assert status["lmcache store/load"].startswith(expected), status
+    profile = TierProfile.load(out / "tiny-llama.json", expect_device="cpu")
+    assert set(profile.tiers) == {"cpu", "disk"}
+    assert "| prefill 1024 tokens | ms |" in (out / "comparison.md").read_text()
+    assert not (out / "disk-tier").exists() and not (out / "lmcache-disk").exists()
