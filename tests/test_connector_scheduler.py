@@ -150,6 +150,21 @@ def test_finished_turn_is_pinned_and_next_turn_hits_it_after_pool_churn(harness)
     harness.turn("a2", tokens(0, 10), ProgramHints("A", 2, last_turn=True))
 
 
+def test_handover_counts_only_the_pinned_blocks_the_next_turn_holds(harness):
+    """The next turn keeps 5 of the 10 pinned blocks and diverges after them: its pinned
+    hit is those 5 blocks (counted by position, not over the whole pin)."""
+    context = harness.turn("a0", tokens(0, 320), ProgramHints("A", 0, tool="grep"))
+    assert harness.connector.pins.get("A").num_blocks == 10
+    harness.submit("a1", [*context[: 5 * BLOCK], *tokens(3000, 200)], ProgramHints("A", 1))
+    assert harness.step().prefix_hit_tokens("a1") == 5 * BLOCK
+    assert harness.connector.pins.get("A") is None
+    harness.run("a1")
+    stats = harness.connector._counters
+    assert stats["pinned_prefix_hit_tokens"] == 5 * BLOCK and stats["pin_handovers"] == 1
+    assert harness.connector.programs.get("A").prefix_hit_tokens == 5 * BLOCK
+    harness.turn("a2", tokens(0, 10), ProgramHints("A", 2, last_turn=True))
+
+
 def test_without_pins_the_same_churn_evicts_the_prefix(harness):
     harness.set_ttl(0)
     context = harness.turn("a0", tokens(0, 320), ProgramHints("A", 0, tool="grep"))

@@ -17,7 +17,7 @@ from continuum_tiered.policies import (
 )
 from continuum_tiered.policies.infercept import InferCeptPolicy
 from continuum_tiered.profile import PROFILE_VERSION, ModelShape, Tier, TierProfile
-from continuum_tiered.ttl import TTLDecision
+from continuum_tiered.ttl import EtaEstimator, TTLDecision
 
 # 1000 bytes per token; prefill 1 ms per token; CPU reload 0.1 ms per token.
 PROFILE = TierProfile(
@@ -79,6 +79,20 @@ def test_continuum_benefit_uses_the_tier_and_queue_delay() -> None:
     assert policy.queue_delay.value == 2.0
     assert policy.decide(_turn(tokens=3000, tier="cpu")).benefit_s == pytest.approx(2.3)
     assert policy.decide(_turn(tokens=3000)).benefit_s == pytest.approx(5.0)
+
+
+def test_continuum_benefit_follows_each_new_observation() -> None:
+    """T_q and eta are kept between reads: every observation must show in the next one."""
+    policy = ContinuumPolicy(PROFILE, eta_min_programs=2)
+    policy.observe_queue_delay(4.0)
+    assert policy.decide(_turn(tokens=3000)).benefit_s == pytest.approx(4.0 + 3.0)
+    fresh = EtaEstimator(min_programs=2)
+    for turns in (1, 2, 6, 3):
+        policy.observe_program_finished(turns)
+        fresh.program_finished(turns)
+    policy.observe_queue_delay(2.0)  # T_q: mean of 4 and 2
+    assert 0.0 < fresh.value < 1.0
+    assert policy.decide(_turn(tokens=3000)).benefit_s == pytest.approx(3.0 * fresh.value + 3.0)
 
 
 def test_continuum_learned_distributions() -> None:
