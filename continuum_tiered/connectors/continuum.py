@@ -28,7 +28,6 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Sequence
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -60,8 +59,6 @@ logger = init_logger(__name__)
 
 # Turns that ended normally; aborted, errored or ignored requests are never pinned.
 _PINNABLE = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED})
-_IS_NULL = attrgetter("is_null")
-_BLOCK_HASH = attrgetter("block_hash")
 
 
 def _shared_blocks(pinned: list[Any], held: Sequence[Any]) -> int:
@@ -362,17 +359,12 @@ class ContinuumConnector(SchedulerOnlyConnector):
     def _full_cached_blocks(self, block_ids: list[int], num_computed_tokens: int) -> list[Any]:
         """The turn's full, hashed blocks, up to the first one that is not (a hole would
         make the rest unreachable by a prefix lookup). The null block is never pinned."""
-        blocks = list(
-            map(
-                self._block_pool.blocks.__getitem__,
-                block_ids[: num_computed_tokens // self.block_size],
-            )
-        )
-        if any(map(_IS_NULL, blocks)) or None in map(_BLOCK_HASH, blocks):
-            # The rare case (a sliding window's null blocks, a block not hashed yet):
-            # find the first hole.
-            end = next(n for n, b in enumerate(blocks) if b.is_null or b.block_hash is None)
-            del blocks[end:]
+        blocks = []
+        for block_id in block_ids[: num_computed_tokens // self.block_size]:
+            block = self._block_pool.blocks[block_id]
+            if block.is_null or block.block_hash is None:
+                break
+            blocks.append(block)
         return blocks
 
     def _end_program(self, program_id: str) -> None:
