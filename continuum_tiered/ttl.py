@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from continuum_tiered.tool_durations import EmpiricalCDF
 
 
-@dataclass(frozen=True)
-class TTLDecision:
+class TTLDecision(NamedTuple):
+    """A policy's answer for one turn (a named tuple, like ``TurnEnd``: one per turn end)."""
+
     ttl_s: float
     benefit_s: float  # T_q * eta + ReloadOrPrefill: what a pin saves if the program returns
     source: str  # "cold-start" | "tool" | "global" | "static" | "last-turn" | InferCept's choice
