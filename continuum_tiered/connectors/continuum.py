@@ -159,10 +159,8 @@ class ContinuumConnector(SchedulerOnlyConnector):
         """Make room for ``request`` (``num_computed_tokens``: its local prefix hit)."""
         if self._admissions_held:
             return None, False  # vLLM skips it this step: the blocks are the running batch's
-        if not len(self.pins):
-            return 0, False  # nothing to release
         free = self._block_pool.get_num_free_blocks
-        if free() >= self._demand.admission_upper_bound(request):
+        if free() >= self._demand.admission_upper_bound(request) or not len(self.pins):
             return 0, False
         self._expire()
         admission = self._demand.admission(request, num_computed_tokens)
