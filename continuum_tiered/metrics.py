@@ -43,6 +43,7 @@ class RunSummary:
     mean_kv_blocks: float | None = None
     # Virtual time, peers with LMCache tiers: blocks stored and dropped, disk write delays.
     stores: dict[str, float] | None = None
+    pins_created: int | None = None  # virtual time, peers with pins
 
     def to_json(self) -> dict[str, object]:
         """The fields, with undefined statistics (no completed program) as null."""

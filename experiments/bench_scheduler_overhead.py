@@ -221,7 +221,7 @@ def run_side(
         c1 = time.thread_time()
 
         running = len(scheduler.running)
-        runner_out = driver.runner_output(out, next_token)
+        runner_out = driver.runner_output(driver.scheduled(out), next_token)
 
         c2 = time.thread_time()
         t2 = time.perf_counter()

@@ -8,7 +8,8 @@ back when the next turn is allocated, when the TTL expires, or when memory is ne
 - ``get_num_new_matched_tokens``: before a waiting request is allocated, release pins
   until its first chunk fits (``connectors.demand`` has vLLM's arithmetic), so a pin never
   blocks admission: the requester's own pin too, where its next prompt diverged from it.
-  Nothing is released when even every pin would not make room.
+  Nothing is released when even every pin would not make room. Under async scheduling,
+  blocks behind vLLM's deferred-free fence count as free: they are back next step.
 - ``build_connector_meta`` (end of each step): expire pins past their deadline, and
   release pins until the running batch's next step fits, so vLLM never has to preempt a
   running request while a pin could give way.
@@ -37,8 +38,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
 
+from continuum_tiered import compat
 from continuum_tiered.connectors.config import ConnectorOptions
-from continuum_tiered.connectors.demand import BlockDemand
+from continuum_tiered.connectors.demand import BlockDemand, DeferredFrees
 from continuum_tiered.connectors.reply_tools import ReplyToolParser
 from continuum_tiered.connectors.scheduler_only import SchedulerOnlyConnector
 from continuum_tiered.connectors.stats import ContinuumPromMetrics, ContinuumStats, ToolLabels
@@ -85,12 +87,14 @@ class ContinuumConnector(SchedulerOnlyConnector):
         self.offload: Callable[[Request], None] | None = None
         if role != KVConnectorRole.SCHEDULER:
             return
+        compat.check_vllm()
         self.options = ConnectorOptions.from_vllm_config(vllm_config)
         self.policy = self.options.make_policy()
         self.block_size = vllm_config.cache_config.block_size
         self.programs = ProgramTable()
         self._pins: PinTable | None = None
         self._demand = BlockDemand(vllm_config, self.block_size)
+        self._deferred = DeferredFrees(vllm_config)
         self._tool_parser = ReplyToolParser(vllm_config.model_config)
         self._requests: dict[str, Request] = {}  # every live request, hinted or not
         self._hints: dict[str, ProgramHints] = {}  # live requests that carry hints
@@ -159,7 +163,12 @@ class ContinuumConnector(SchedulerOnlyConnector):
         """Make room for ``request`` (``num_computed_tokens``: its local prefix hit)."""
         if self._admissions_held:
             return None, False  # vLLM skips it this step: the blocks are the running batch's
-        free = self._block_pool.get_num_free_blocks
+        pool = self._block_pool
+        returning = self._deferred.returning(pool.blocks) if self._deferred.enabled else 0
+
+        def free() -> int:
+            return pool.get_num_free_blocks() + returning
+
         if free() >= self._demand.admission_upper_bound(request) or not len(self.pins):
             return 0, False
         self._expire()
@@ -195,6 +204,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
+        self._deferred.request_finished(block_ids)
         hints = self._hints.pop(request.request_id, None)
         if hints is None:
             return False, None
@@ -250,6 +260,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self._admissions_held = False
+        self._deferred.step_scheduled()
         self._expire()
         if len(self.pins):
             self._make_room_for_next_step(scheduler_output.num_scheduled_tokens)

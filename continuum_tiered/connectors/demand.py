@@ -111,3 +111,37 @@ class BlockDemand:
             request.block_hashes, hit_tokens
         )
         return list(blocks[0])
+
+
+class DeferredFrees:
+    """Blocks vLLM puts back in the free queue after the step in flight.
+
+    With async scheduling (or pipeline parallelism) and a KV consumer connector, a request
+    that finishes while a later step still has it scheduled has its blocks held behind a
+    fence until that step is processed (DESIGN.md section 8): the next admission sees
+    fewer free blocks than the sync scheduler would, though they come back before the one
+    after. Counting them, a pin is not released for room that returns a step later; the
+    request waits that step instead. Blocks of requests that finished since the last step
+    was scheduled are noted; those left with the fence's reference only (``ref_cnt`` 1:
+    not pinned, not shared) are counted. A noted block freed at once and already handed
+    to another request counts too: the admission then waits one step, never longer, since
+    the notes are cleared as each step is scheduled.
+    """
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        kv = vllm_config.kv_transfer_config
+        self.enabled = bool(
+            vllm_config.max_concurrent_batches > 1 and kv is not None and kv.is_kv_consumer
+        )
+        self._block_ids: list[int] = []
+
+    def request_finished(self, block_ids: list[int]) -> None:
+        if self.enabled:
+            self._block_ids.extend(block_ids)
+
+    def step_scheduled(self) -> None:
+        self._block_ids.clear()
+
+    def returning(self, blocks: list[Any]) -> int:
+        """How many noted blocks of the pool ``blocks`` (by id) come back to the free queue."""
+        return sum(1 for i in self._block_ids if blocks[i].ref_cnt == 1)

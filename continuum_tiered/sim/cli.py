@@ -39,6 +39,12 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="tier profile name or path (default: the built-in h100-MODEL); 'roofline' "
         "estimates one from the model shape",
     )
+    p.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="vLLM's AsyncScheduler, as the CUDA build runs by default: outputs are seen one "
+        "step later and a finished request's blocks come back one step later",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/simulate"))
     p.set_defaults(run=run_simulate)
@@ -52,7 +58,7 @@ def run_simulate(args: argparse.Namespace, _passthrough: list[str]) -> int:
     peers = [get_peer(name.strip()) for name in args.policies.split(",")]
     programs = load_named_trace(args.trace, programs=args.programs, seed=args.seed)
     setup = ReplaySetup(
-        Deployment(model=args.model),
+        Deployment(model=args.model, async_scheduling=args.async_scheduling),
         None if args.profile == "roofline" else args.profile,
         seed=args.seed,
     )

@@ -64,6 +64,8 @@ class Deployment:
     # LMCache tiers of the peers that have them: host DRAM and local NVMe set aside for KV.
     cpu_tier_bytes: float = 100e9
     disk_tier_bytes: float = 1e12
+    # vLLM's AsyncScheduler, as the CUDA build runs by default (the scheduler_driver docs)
+    async_scheduling: bool = False
 
     def hf_config(self) -> dict:
         if self.model in MODEL_SHAPES:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from collections.abc import Callable
 
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
@@ -29,11 +31,12 @@ from continuum_tiered.connectors.continuum import ContinuumConnector
 from continuum_tiered.hints import ProgramHints
 from continuum_tiered.sim.lmcache_model import SimLMCacheConnector
 from continuum_tiered.sim.program_run import EngineHooks, ProgramRun
-from continuum_tiered.sim.scheduler_driver import SchedulerDriver
+from continuum_tiered.sim.scheduler_driver import ScheduledStep, SchedulerDriver
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
 
 MAX_IDLE_STEPS = 3  # empty steps in a row before the clock jumps to the next arrival
+STOP_TOKEN = 2  # prompts and other outputs use token ids from 3 up
 
 
 class VirtualEngine:
@@ -67,9 +70,10 @@ class VirtualEngine:
         self._by_request: dict[str, ProgramRun] = {}
         self._requests: dict[str, Request] = {}
         self._waiting_since: dict[str, float] = {}
+        self._seconds_in_flight: deque[float] = deque()  # of the driver's steps in flight
         connectors = self._connectors()
         pins = next((c for c in connectors if isinstance(c, ContinuumConnector)), None)
-        self._pins = pins
+        self.pin_connector = pins
         self.lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
         if self.lmcache is not None:
             self.lmcache.clock = lambda: self.now
@@ -88,51 +92,63 @@ class VirtualEngine:
     # ------------------------------------------------------------------ loop
 
     def run(self, on_program_done: Callable[[], None] = lambda: None) -> list[ProgramRun]:
-        scheduler = self.scheduler
+        scheduler, driver = self.scheduler, self.driver
         idle_steps = 0
-        while self._events or scheduler.has_requests():
+        while self._events or scheduler.has_requests() or driver.steps_in_flight:
             self._submit_due()
             if not scheduler.has_requests():
-                self.now = max(self.now, self._events[0][0])
+                if driver.steps_in_flight:  # the engine core only waits for it
+                    done = driver.oldest_in_flight()
+                    self._complete(done, self._seconds_in_flight.popleft(), on_program_done)
+                else:
+                    self.now = max(self.now, self._events[0][0])
                 continue
-            out = scheduler.schedule()
-            if out.total_num_scheduled_tokens == 0:
-                self._feed_back(out)  # as the engine core does: async loads report here too
-                idle_steps += 1
-                if not scheduler.get_num_unfinished_requests():
-                    continue  # a step that only reported finished requests
-                if idle_steps <= MAX_IDLE_STEPS:
-                    # A step can schedule nothing while a preemption or a pin release
-                    # settles; the next one runs. Time only moves when nothing does.
-                    continue
-                next_s = self._next_event_s()
-                if next_s is None:
-                    waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
-                    raise RuntimeError(
-                        f"replay stalled at {self.now:.1f} s: nothing can run; waiting "
-                        f"{waiting[:5]}, running {len(scheduler.running)}, free blocks "
-                        f"{self.driver.block_pool.get_num_free_blocks()}"
-                    )
-                self.now = max(self.now, next_s)
-                idle_steps = 0  # what happens then (a load reported) needs its own steps
+            step = self._schedule()
+            if (done := driver.advance(step)) is not None:
+                self._complete(done, self._seconds_in_flight.popleft(), on_program_done)
+            if step.output.total_num_scheduled_tokens:
+                idle_steps = 0
                 continue
-            idle_steps = 0
-            start = self.now
-            for new in out.scheduled_new_reqs:
-                run = self._by_request[new.req_id]
-                if (since := self._waiting_since.pop(new.req_id, None)) is not None:
-                    run.queue_s += start - since
-                    run.hit_tokens += new.num_computed_tokens
-            seconds = self._step_seconds(out)
-            pool = self.driver.block_pool
-            held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # less the null block
-            self.busy_s += seconds
-            self.kv_block_seconds += held * seconds
-            self.now += seconds
-            finished = self._feed_back(out)
-            for rid in finished:
-                self._turn_finished(rid, on_program_done)
+            idle_steps += 1
+            if not scheduler.get_num_unfinished_requests() or idle_steps <= MAX_IDLE_STEPS:
+                # A step can schedule nothing while a preemption or a pin release
+                # settles; the next one runs. Time only moves when nothing does.
+                continue
+            next_s = self._next_event_s()
+            if next_s is None:
+                waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
+                raise RuntimeError(
+                    f"replay stalled at {self.now:.1f} s: nothing can run; waiting "
+                    f"{waiting[:5]}, running {len(scheduler.running)}, free blocks "
+                    f"{driver.block_pool.get_num_free_blocks()}"
+                )
+            self.now = max(self.now, next_s)
+            idle_steps = 0  # what happens then (a load reported) needs its own steps
         return self.runs
+
+    def _schedule(self) -> ScheduledStep:
+        """Schedule a step and price it; it runs once the steps in flight are done."""
+        step = self.driver.schedule()
+        out = step.output
+        start = self.now + sum(self._seconds_in_flight)
+        for new in out.scheduled_new_reqs:
+            run = self._by_request[new.req_id]
+            if (since := self._waiting_since.pop(new.req_id, None)) is not None:
+                run.queue_s += start - since
+                run.hit_tokens += new.num_computed_tokens
+        seconds = self._step_seconds(out, start) if out.total_num_scheduled_tokens else 0.0
+        self._seconds_in_flight.append(seconds)
+        return step
+
+    def _complete(self, step: ScheduledStep, seconds: float, on_program_done) -> None:
+        """The step ran for ``seconds``: advance the clock and feed its output back."""
+        pool = self.driver.block_pool
+        held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # less the null block
+        self.busy_s += seconds
+        self.kv_block_seconds += held * seconds
+        self.now += seconds
+        for rid in self._feed_back(step):
+            self._turn_finished(rid, on_program_done)
 
     def _next_event_s(self) -> float | None:
         """When something next happens without a step: an arrival or an async load done."""
@@ -161,7 +177,8 @@ class VirtualEngine:
         if run.turn == 0:
             run.start_s = self.now
         run.holds_pin = (
-            self._pins is not None and self._pins.pins.get(run.program.program_id) is not None
+            self.pin_connector is not None
+            and self.pin_connector.pins.get(run.program.program_id) is not None
         )
         self._by_request[rid] = run
         self._waiting_since[rid] = self.now
@@ -169,14 +186,15 @@ class VirtualEngine:
         self._requests[rid] = self.driver.add_request(
             rid,
             run.context,
-            max_tokens=turn.output_tokens,
+            max_tokens=turn.output_tokens + 1,  # it ends on STOP_TOKEN, unforeseen
             arrival_time=self.now,
             priority=self.hooks.priority(run),
             kv_transfer_params=params,
             prefix_block_hashes=run.block_hashes,
+            stop_token_id=STOP_TOKEN,
         )
 
-    def _step_seconds(self, out) -> float:
+    def _step_seconds(self, out: SchedulerOutput, start: float) -> float:
         requests = self.scheduler.requests
         prefill: list[tuple[int, int]] = []
         decode: list[int] = []
@@ -189,20 +207,26 @@ class VirtualEngine:
                 prefill.append((offset, n))
         seconds = self.step_time.step_s(prefill, decode)
         if self.lmcache is not None:
-            seconds = self.lmcache.step_seconds(seconds, self.now)
+            seconds = self.lmcache.step_seconds(seconds, start)
         for rid in out.num_scheduled_tokens:
             self._by_request[rid].attained_s += seconds
         return seconds
 
     def _next_token(self, request: Request) -> int:
+        """The turn's last output token is STOP_TOKEN: a turn ends where a model's would,
+        on a token the scheduler does not see coming (with async scheduling it has
+        already scheduled the next decode)."""
+        run = self._by_request[request.request_id]
+        if len(request.output_token_ids) + 1 >= run.program.turns[run.turn].output_tokens:
+            return STOP_TOKEN
         return 3 + (request.num_tokens * 7919) % (self.vocab_size - 3)
 
-    def _feed_back(self, out) -> list[str]:
-        runner_out = self.driver.runner_output(out, self._next_token)
+    def _feed_back(self, step: ScheduledStep) -> list[str]:
+        runner_out = self.driver.runner_output(step, self._next_token)
         if self.lmcache is not None and self.lmcache.async_transfers:
             received = self.lmcache.finished_loads(self.now)
             runner_out.kv_connector_output = KVConnectorOutput(finished_recving=received)
-        engine_outputs = self.scheduler.update_from_output(out, runner_out)
+        engine_outputs = self.scheduler.update_from_output(step.output, runner_out)
         return [
             o.request_id
             for outs in engine_outputs.values()

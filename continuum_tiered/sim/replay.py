@@ -126,6 +126,7 @@ def driver_config(
         max_num_seqs=d.max_num_seqs,
         scheduling_policy=peer.scheduling_policy,
         kv_transfer_config=connector_config(peer, setup, profile),
+        async_scheduling=d.async_scheduling,
     )
 
 
@@ -184,4 +185,5 @@ def _replay_once(
     summary = summarize(peer.name, jps, [r.outcome() for r in runs])
     mean_kv = engine.kv_block_seconds / engine.busy_s if engine.busy_s else 0.0
     stores = engine.lmcache.store_stats().to_json() if engine.lmcache is not None else None
-    return replace(summary, mean_kv_blocks=mean_kv, stores=stores), runs
+    pins = engine.pin_connector.pins.pins_created if engine.pin_connector is not None else None
+    return replace(summary, mean_kv_blocks=mean_kv, stores=stores, pins_created=pins), runs

@@ -4,11 +4,19 @@ The engine core's loop is ``schedule()`` then ``update_from_output()``; here the
 forward pass is replaced by a caller-supplied token per scheduled request (DESIGN.md
 section 3). Everything else, including the KV connector, is vLLM's own code, so the
 scheduling and memory decisions are the ones a real deployment would make.
+
+With ``async_scheduling`` the driver runs vLLM's ``AsyncScheduler`` the way the engine
+core's batch queue does on CUDA (DESIGN.md section 8): step k is scheduled while step
+k-1 is in flight, and k-1's output is processed after. A finished request is then seen
+one step later, and with a KV connector its blocks wait behind vLLM's deferred-free fence
+for the step in flight. The CPU platform switches async scheduling off; the driver
+switches it back on after the config is built, since no model runs here.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +28,7 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutputs
@@ -47,6 +56,7 @@ class DriverConfig:
     scheduling_policy: str = "fcfs"  # "priority" for program-level FCFS
     kv_transfer_config: dict[str, Any] | None = None
     engine_overrides: dict[str, Any] = field(default_factory=dict)
+    async_scheduling: bool = False
 
 
 def build_vllm_config(cfg: DriverConfig) -> VllmConfig:
@@ -103,7 +113,11 @@ class SchedulerDriver:
         self.vllm_config = vllm_config or build_vllm_config(cfg)
         # The engine core sets this after profiling memory; here the caller chooses it.
         self.vllm_config.cache_config.num_gpu_blocks = cfg.num_blocks
-        self.scheduler = Scheduler(
+        self.vllm_config.scheduler_config.async_scheduling = cfg.async_scheduling
+        scheduler_cls = AsyncScheduler if cfg.async_scheduling else Scheduler
+        self.depth = self.vllm_config.max_concurrent_batches  # steps in flight at most
+        self._in_flight: deque[ScheduledStep] = deque()
+        self.scheduler = scheduler_cls(
             vllm_config=self.vllm_config,
             kv_cache_config=_kv_cache_config(self.vllm_config, cfg.num_blocks, cfg.block_size),
             structured_output_manager=StructuredOutputManager(self.vllm_config),
@@ -142,10 +156,18 @@ class SchedulerDriver:
         priority: int = 0,
         kv_transfer_params: dict[str, Any] | None = None,
         prefix_block_hashes: Sequence[Any] = (),
+        stop_token_id: int | None = None,
     ) -> Request:
         """``prefix_block_hashes``: hashes already known for the prompt's first blocks
-        (a previous turn of the same program), so only the new blocks are hashed."""
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        (a previous turn of the same program), so only the new blocks are hashed.
+        ``stop_token_id``: the request also ends when it samples this token, which the
+        scheduler cannot see coming (as a model's end of turn), unlike ``max_tokens``."""
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            temperature=0.0,
+            stop_token_ids=None if stop_token_id is None else [stop_token_id],
+        )
         if kv_transfer_params is not None:
             params.extra_args = {"kv_transfer_params": kv_transfer_params}
         request = Request(
@@ -172,38 +194,80 @@ class SchedulerDriver:
 
         return hasher
 
+    def schedule(self) -> ScheduledStep:
+        return self.scheduled(self.scheduler.schedule())
+
+    def scheduled(self, out: SchedulerOutput) -> ScheduledStep:
+        """``out``, just returned by ``schedule()``, with the requests it samples a token
+        for (a decode or a last prefill chunk) noted now: a later step may change that
+        before this one's output is processed."""
+        requests = self.scheduler.requests
+        sampled = [rid for rid in out.num_scheduled_tokens if not requests[rid].is_prefill_chunk]
+        return ScheduledStep(out, sampled)
+
     def runner_output(
-        self, out: SchedulerOutput, next_token: Callable[[Request], int]
+        self, step: ScheduledStep, next_token: Callable[[Request], int]
     ) -> ModelRunnerOutput:
-        """What the model would return for ``out``: one token for every request that
-        reached the end of its prompt (a decode or a last prefill chunk), none otherwise."""
-        req_ids = list(out.num_scheduled_tokens)
-        sampled: list[list[int]] = []
-        for rid in req_ids:
-            # schedule() has already advanced num_computed_tokens by this step's tokens.
-            request = self.scheduler.requests[rid]
-            done_prompt = request.num_computed_tokens >= request.num_tokens
-            sampled.append([next_token(request)] if done_prompt else [])
+        """What the model would return for ``step``: one token per sampled request (none
+        for one that finished since it was scheduled: vLLM drops that token anyway)."""
+        req_ids = list(step.output.num_scheduled_tokens)
+        requests = self.scheduler.requests
+        tokens = {rid: [next_token(requests[rid])] for rid in step.sampled if rid in requests}
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
-            sampled_token_ids=sampled,
+            sampled_token_ids=[tokens.get(rid, []) for rid in req_ids],
         )
 
     def step(self, next_token: Callable[[Request], int] = lambda _r: 7) -> StepResult:
-        """One engine step: schedule, then feed back the fake model's tokens."""
-        out = self.scheduler.schedule()
-        engine_outputs = self.scheduler.update_from_output(out, self.runner_output(out, next_token))
-        return StepResult(out, engine_outputs)
+        """One engine step: schedule one, then feed back the fake model's tokens for the
+        oldest in flight (the one just scheduled, without async scheduling). With nothing
+        left to schedule, only the oldest in flight is processed."""
+        if not self.scheduler.has_requests() and self._in_flight:
+            step, done = None, self._in_flight.popleft()
+        else:
+            step = self.schedule()
+            done = self.advance(step)
+        out = None if step is None else step.output
+        if done is None:
+            return StepResult(out, {})
+        runner = self.runner_output(done, next_token)
+        return StepResult(out, self.scheduler.update_from_output(done.output, runner))
+
+    def advance(self, step: ScheduledStep) -> ScheduledStep | None:
+        """Queue ``step``; the step whose output is due now, if any: with async scheduling
+        the engine core does not wait for a step while the queue has room and there is
+        work (``EngineCore.step_with_batch_queue``)."""
+        self._in_flight.append(step)
+        executed = step.output.total_num_scheduled_tokens > 0
+        if len(self._in_flight) < self.depth and (executed or self.scheduler.has_requests()):
+            return None
+        return self._in_flight.popleft()
+
+    def oldest_in_flight(self) -> ScheduledStep:
+        """The step the engine core waits for when it has nothing left to schedule."""
+        return self._in_flight.popleft()
+
+    @property
+    def steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
+
+@dataclass
+class ScheduledStep:
+    output: SchedulerOutput
+    sampled: list[str]
 
 
 @dataclass
 class StepResult:
-    scheduler_output: SchedulerOutput
+    scheduler_output: SchedulerOutput | None  # None: nothing was scheduled (async drain)
     engine_outputs: dict[int, EngineCoreOutputs]
 
     def prefix_hit_tokens(self, request_id: str) -> int | None:
         """Tokens found cached when ``request_id`` was admitted in this step, else None."""
+        if self.scheduler_output is None:
+            return None
         for new in self.scheduler_output.scheduled_new_reqs:
             if new.req_id == request_id:
                 return new.num_computed_tokens
