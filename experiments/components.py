@@ -14,11 +14,12 @@ vLLM's real scheduler, with LMCache's stores, disk write queue and link sharing 
   where the oracle leaves that much room, else within 2% of the retention bound; never
   worse than ``vllm``.
 
-The sensitivity grid replays one setting at its saturating load on each hardware variant
+The sensitivity grid replays one setting at the last of ``--loads`` on each hardware variant
 (CPU tier 100 GB / 1 TB, disk 2 / 7 / 25 GB/s, PCIe Gen5 / Gen4, H100 80 GB / H200 141 GB).
 
     python experiments/components.py [--settings swebench-8b,bfcl-8b,swebench-70b]
-        [--sensitivity swebench-8b] [--programs-scale 0.5] [--seed 0] [--out out/components]
+        [--loads saturation,heavier] [--sensitivity swebench-8b] [--programs-scale 0.5]
+        [--seed 0] [--out out/components]
 
 Writes report.md, results.json, components.png and sensitivity.png.
 """
@@ -45,11 +46,18 @@ from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arri
 from continuum_tiered.traces.model import TraceProgram
 
 CHAIN = [name for name, _ in COMPONENTS]
-PEERS = ("vllm+lmcache", "lmcache-layerwise+priority", "continuum")
+PEERS = (
+    "vllm+lmcache",
+    "lmcache-layerwise+priority",
+    "vllm-offload",
+    "continuum",
+    "continuum-plugin",
+)
 BOUNDS = (RETENTION_BOUND, "oracle")
 SENSITIVITY_SYSTEMS = ("vllm", "lmcache-layerwise+priority", "tiered-no-pins", OURS)
 ROOM = 1.10  # the gain over the best peer asked for where the oracle leaves that much room
 BOUND_SLACK = 1.02  # elsewhere: within 2% of the retention bound
+LOADS = {"light": 0, "saturation": 1, "heavier": 2}
 MIN_GAIN = 0.01  # shares of a gain under 1% of vllm's JCT are not reported
 
 
@@ -134,16 +142,21 @@ def checks(runs: dict[str, RunSummary]) -> list[str]:
 
 def store_table(runs: dict[str, RunSummary]) -> str:
     lines = [
-        "| system | blocks stored | dropped | disk write delay mean s | max s |",
-        "|---|---|---|---|---|",
+        "| system | pins made | blocks stored | dropped | disk write delay mean s | max s |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
-        if r.stores and name != RETENTION_BOUND:
-            s = r.stores
-            lines.append(
-                f"| {name} | {s['blocks_stored']:.0f} | {s['blocks_dropped']:.0f} "
-                f"| {s['disk_write_delay_mean_s']:.3f} | {s['disk_write_delay_max_s']:.3f} |"
-            )
+        if name == RETENTION_BOUND or (r.stores is None and r.pins_created is None):
+            continue
+        pins = "" if r.pins_created is None else str(r.pins_created)
+        s = r.stores
+        stores = (
+            "| | | | |"
+            if s is None
+            else f"| {s['blocks_stored']:.0f} | {s['blocks_dropped']:.0f} "
+            f"| {s['disk_write_delay_mean_s']:.3f} | {s['disk_write_delay_max_s']:.3f} |"
+        )
+        lines.append(f"| {name} | {pins} {stores}")
     return "\n".join(lines)
 
 
@@ -161,7 +174,7 @@ def section(setting: Setting, jps: float, programs: int, runs: dict[str, RunSumm
             markdown_table(list(runs.values())),
             f"Share of the gain over `vllm` (vllm / tiered = {total:.3f}):\n\n"
             f"| mechanism | share |\n|---|---|\n{share_rows}",
-            "Stores (LMCache's write-through and disk queue):\n\n" + store_table(runs),
+            "Pins, and stores (LMCache's write-through and disk queue):\n\n" + store_table(runs),
             "\n".join(f"- {line}" for line in checks(runs)),
         ]
     )
@@ -227,6 +240,9 @@ def _names(value: str, known: dict, what: str, p: argparse.ArgumentParser) -> li
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", default="swebench-8b,bfcl-8b,swebench-70b")
+    p.add_argument(
+        "--loads", default="saturation,heavier", help="of each setting: light, saturation, heavier"
+    )
     p.add_argument("--sensitivity", default="swebench-8b", help="a setting, or '' for none")
     p.add_argument("--hardware", default=",".join(HARDWARE), help="the sensitivity variants")
     p.add_argument("--programs-scale", type=float, default=0.5, help="fewer programs: < 1")
@@ -236,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = [SETTINGS[n] for n in _names(args.settings, SETTINGS, "setting", p)]
     sensitivity = [SETTINGS[n] for n in _names(args.sensitivity, SETTINGS, "setting", p)]
     hardware = [HARDWARE[n] for n in _names(args.hardware, HARDWARE, "hardware", p)]
+    load_names = _names(args.loads, LOADS, "load", p)
     if not 0 < args.programs_scale <= 1:
         p.error(f"--programs-scale must be in (0, 1], got {args.programs_scale}")
     base = HARDWARE["h100-base"]
@@ -246,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in {*settings, *sensitivity}
     }
     # A bound runs every queue order but reports progress once.
-    total = sum(2 * len(systems()) * len(traces[s.name]) for s in settings) + sum(
+    total = sum(len(load_names) * len(systems()) * len(traces[s.name]) for s in settings) + sum(
         len(hardware) * len(SENSITIVITY_SYSTEMS) * len(traces[s.name]) for s in sensitivity
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -255,14 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = []
     with tqdm(total=total, unit="program", desc="components") as bar:
         for s in settings:
-            for jps in s.loads[1:]:
+            for jps in (s.loads[LOADS[name]] for name in load_names):
                 runs = run_all(
                     systems(), traces[s.name], s, base, jps, args.seed, args.out / "profiles", bar
                 )
                 results[f"{s.name}@{jps:g}"] = runs
                 sections.append(section(s, jps, len(traces[s.name]), runs))
         for s in sensitivity:
-            jps = s.loads[1]
+            jps = s.loads[LOADS[load_names[-1]]]
             grids[s.name] = {
                 hw.name: run_all(
                     SENSITIVITY_SYSTEMS,
