@@ -24,6 +24,8 @@ TESTS=(
   tests/test_self_preemption.py
   tests/test_simulate.py
   tests/test_async_scheduling.py
+  tests/test_compat.py
+  tests/test_serve_command.py
 )
 REPORTS=out/matrix
 
