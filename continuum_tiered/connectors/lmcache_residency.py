@@ -36,6 +36,10 @@ TIER_OF_BACKEND = {"LocalCPUBackend": "cpu", "LocalDiskBackend": "disk"}
 TIER_ORDER = ("cpu", "disk")
 # The LMCache versions whose disk write path ``guard_disk_writes`` was checked against.
 DISK_GUARD_CHECKED_VERSIONS = ("0.5.6",)
+# The LMCache versions whose storage manager and disk backend internals (``batched_contains``,
+# ``storage_backends``, ``LocalDiskBackend.dict``/``disk_lock``/``usage``, the token
+# database) the lookups below were checked against; on others they answer "nowhere".
+RESIDENCY_CHECKED_VERSIONS = ("0.5.6",)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class LMCacheResidency:
     def __init__(self, engine_name: str = "vllm-instance"):
         self.engine_name = engine_name
         self._warned = False
+        self._checked = lmcache_version_checked(
+            RESIDENCY_CHECKED_VERSIONS,
+            "tier lookup",
+            "tier residency is not read: TTLs assume recompute, vanished disk chunks are "
+            "not forgotten",
+        )
         # Here because every connector that reads LMCache's tiers builds one, on any platform.
         guard_disk_writes()
 
@@ -126,6 +136,8 @@ class LMCacheResidency:
         return dropped
 
     def _engine(self) -> Any:
+        if not self._checked:
+            return None
         from lmcache.v1.cache_engine import LMCacheEngineBuilder
 
         engine = LMCacheEngineBuilder.get(self.engine_name)
