@@ -106,3 +106,24 @@ def test_serve_dry_run_works_without_the_venv_on_path(tmp_path):
     assert interpreter.is_absolute() and os.access(interpreter, os.X_OK)
     assert interpreter.parent == script.parent  # the venv's own python, not one from PATH
     assert argv[1] == "-m" and argv[2] in (VLLM_CLI_MODULE, VLLM_API_SERVER_MODULE)
+
+
+def test_the_flags_serve_passes_build_vllms_engine_config(tiny_model_dir):
+    """What serve hands vLLM parses with vLLM's own engine arguments and builds an engine
+    config with our connector and program-FCFS scheduling, on either build and without a
+    GPU (the version matrix runs this under the CUDA wheel too). The two API-server flags
+    left over are the server's, not the engine's."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    flags = ServeOptions(model=str(tiny_model_dir)).vllm_flags()
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args, rest = parser.parse_known_args(["--model", str(tiny_model_dir), *flags])
+    assert [f for f in rest if f.startswith("--")] == [
+        "--middleware",
+        "--enable-prompt-tokens-details",
+    ]
+    args.load_format, args.skip_tokenizer_init = "dummy", True
+    config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+    assert config.kv_transfer_config.kv_connector == "ContinuumConnector"
+    assert config.scheduler_config.policy == "priority"
