@@ -7,8 +7,6 @@ connector sees: a finished request's blocks come back to the free queue one step
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from continuum_tiered.hints import ProgramHints
@@ -21,7 +19,12 @@ from continuum_tiered.traces.model import TraceProgram, Turn
 BLOCK = 32
 
 
-def _driver(tiny_model_dir, async_scheduling: bool) -> SchedulerDriver:
+NO_PINS = {"policy": "none"}
+PIN_EVERY_TURN = {"policy": "static-ttl", "policy_options": {"ttl_s": 600.0}}
+
+
+def _driver(tiny_model_dir, async_scheduling: bool, connector=NO_PINS) -> SchedulerDriver:
+    """64 blocks of 32 tokens, our connector configured by ``connector``."""
     cfg = DriverConfig(
         model_dir=tiny_model_dir,
         num_blocks=64,
@@ -29,7 +32,7 @@ def _driver(tiny_model_dir, async_scheduling: bool) -> SchedulerDriver:
         kv_transfer_config={
             "kv_connector": "ContinuumConnector",
             "kv_role": "kv_both",
-            "kv_connector_extra_config": {"policy": "none"},
+            "kv_connector_extra_config": connector,
         },
         async_scheduling=async_scheduling,
     )
@@ -88,25 +91,7 @@ def test_the_replay_runs_the_async_engine_with_the_same_step_times(tmp_path):
         summary, (run,) = replay(PEERS["tiered"], programs, setup, 1)
         results[async_scheduling] = (run.jct_s, run.hit_tokens, summary.prefix_hit_ratio)
     assert results[True] == pytest.approx(results[False])
-    assert dataclasses.astuple(Deployment(async_scheduling=True))[-1] is True
-
-
-def _pinning_driver(tiny_model_dir, async_scheduling: bool) -> SchedulerDriver:
-    cfg = DriverConfig(
-        model_dir=tiny_model_dir,
-        num_blocks=64,
-        block_size=BLOCK,
-        kv_transfer_config={
-            "kv_connector": "ContinuumConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {
-                "policy": "static-ttl",
-                "policy_options": {"ttl_s": 600.0},
-            },
-        },
-        async_scheduling=async_scheduling,
-    )
-    return SchedulerDriver(cfg, build_vllm_config(cfg))
+    assert Deployment(async_scheduling=True).async_scheduling is True
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -115,7 +100,7 @@ def test_blocks_behind_the_fence_count_as_free_so_a_pin_is_kept(tiny_model_dir, 
     arrives right then. Sync: R's blocks are free, W fits beside A's pin. Async: R's blocks
     wait behind vLLM's fence for one step, so only 32 look free; counting them as coming
     back, the connector keeps A's pin and W is admitted a step later instead."""
-    driver = _pinning_driver(tiny_model_dir, async_scheduling)
+    driver = _driver(tiny_model_dir, async_scheduling, PIN_EVERY_TURN)
     hints = ProgramHints("A", 0, False, "grep").to_params()
     driver.add_request("A0", list(range(3, 323)), 1, 0.0, kv_transfer_params=hints)
     driver.add_request("R", list(range(1000, 1640)), 8, 0.0, stop_token_id=2)

@@ -9,11 +9,10 @@ rather than 256-token chunk granularity).
 
 Stores are written as they are computed: the blocks a step completes cost device->host
 bandwidth in that step, then a disk write behind it. Loads cost host->device bandwidth
-and, from disk, the disk read. How the links are shared, and when a store is dropped,
-is :mod:`.tier_links`'. Without
-``layerwise`` the loads run before the forward pass and the stores after it; with
-``layerwise`` (LMCache's ``use_layerwise``: layer i+1 moves while layer i computes) both
-overlap the step's compute and each other.
+and, from disk, the disk read. How the links are shared, and when a store is dropped, is
+in :mod:`.tier_links`. Without ``layerwise`` the loads run before the forward pass and
+the stores after it; with ``layerwise`` (LMCache's ``use_layerwise``: layer i+1 moves
+while layer i computes) both overlap the step's compute and each other.
 
 With ``async`` it models vLLM's own CPU offloading connector (``--kv-offloading-size``)
 instead: a hit is loaded asynchronously (the request waits in ``WAITING_FOR_REMOTE_KVS``
