@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -149,7 +150,9 @@ def test_other_vllm_servers_are_waited_for_then_reported(capsys: pytest.CaptureF
         ours.kill()
     # Started by a shell that exits at once, the same command is no child of ours.
     subprocess.run(["bash", "-c", f"{shlex.join(command)} >/dev/null 2>&1 &"], check=True)
-    foreign = marked()
+    deadline = time.monotonic() + 30  # until the shell's child has exec'd the sleeper
+    while not (foreign := marked()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         assert len(foreign) == 1
         wait_for_quiet_machine(max_wait_s=0.2, poll_s=0.1)
