@@ -232,11 +232,12 @@ def parse_policy_options(items: list[str]) -> dict[str, object]:
 
 def check_policy(options: ServeOptions) -> None:
     """Fail on a bad policy, option or profile now rather than minutes into engine start."""
-    from continuum_tiered.policies import DEFAULT_POLICY, make_policy
+    from continuum_tiered.policies import default_policy, make_policy
     from continuum_tiered.profile import default_profile, load_named_profile
 
     profile = load_named_profile(options.profile) if options.profile else default_profile()
-    make_policy(options.policy or DEFAULT_POLICY, profile, **options.policy_options)
+    policy = options.policy or default_policy(options.tiers is not None)
+    make_policy(policy, profile, **options.policy_options)
 
 
 def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:

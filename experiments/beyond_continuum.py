@@ -1,4 +1,4 @@
-"""Beyond Continuum: the ``tiered`` policy against ``oracle``, ``continuum`` and ``vllm``.
+"""Beyond Continuum: our default with tiers, ``tiered``, against ``oracle`` and ``vllm``.
 
 For SWE-bench and BFCL, on the Llama-3.1-8B (one H100) and Llama-3.1-70B (four H100s,
 tensor parallel) profiles, at three loads each, every policy runs in

@@ -54,7 +54,8 @@ PEERS = (
     "continuum-plugin",
 )
 BOUNDS = (RETENTION_BOUND, "oracle")
-SENSITIVITY_SYSTEMS = ("vllm", "lmcache-layerwise+priority", "tiered-no-pins", OURS)
+PINS = COMPONENTS[-1][0]  # tiered with its pins
+SENSITIVITY_SYSTEMS = ("vllm", "lmcache-layerwise+priority", OURS, PINS)
 ROOM = 1.10  # the gain over the best peer asked for where the oracle leaves that much room
 BOUND_SLACK = 1.02  # elsewhere: within 2% of the retention bound
 LOADS = {"light": 0, "saturation": 1, "heavier": 2}
@@ -98,11 +99,11 @@ def component_shares(runs: dict[str, RunSummary]) -> list[tuple[str, float]]:
 
 
 def pins_share(runs: dict[str, RunSummary]) -> float:
-    """What switching the pins on adds, as a share of the gain over ``vllm``."""
+    """What switching the pins on adds to ``tiered``, as a share of its gain over ``vllm``."""
     vllm, ours = runs["vllm"].avg_jct_s, runs[OURS].avg_jct_s
     if abs(vllm - ours) < MIN_GAIN * vllm:
         return math.nan
-    return (runs["tiered-no-pins"].avg_jct_s - ours) / (vllm - ours)
+    return (ours - runs[PINS].avg_jct_s) / (vllm - ours)
 
 
 def best_peer(runs: dict[str, RunSummary]) -> RunSummary:

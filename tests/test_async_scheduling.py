@@ -88,7 +88,7 @@ def test_the_replay_runs_the_async_engine_with_the_same_step_times(tmp_path):
     results = {}
     for async_scheduling in (False, True):
         setup = ReplaySetup(Deployment(async_scheduling=async_scheduling), None)
-        summary, (run,) = replay(PEERS["tiered"], programs, setup, 1)
+        summary, (run,) = replay(PEERS["tiered+pins"], programs, setup, 1)
         results[async_scheduling] = (run.jct_s, run.hit_tokens, summary.prefix_hit_ratio)
     assert results[True] == pytest.approx(results[False])
     assert Deployment(async_scheduling=True).async_scheduling is True

@@ -108,22 +108,44 @@ def test_serve_dry_run_works_without_the_venv_on_path(tmp_path):
     assert argv[1] == "-m" and argv[2] in (VLLM_CLI_MODULE, VLLM_API_SERVER_MODULE)
 
 
+def engine_config(options: ServeOptions):
+    """vLLM's engine config from the flags serve passes, parsed by vLLM's own engine
+    arguments (dummy weights, no tokenizer); with the flags the engine did not take."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args, rest = parser.parse_known_args(["--model", options.model, *options.vllm_flags()])
+    args.load_format, args.skip_tokenizer_init = "dummy", True
+    return AsyncEngineArgs.from_cli_args(args).create_engine_config(), rest
+
+
 def test_the_flags_serve_passes_build_vllms_engine_config(tiny_model_dir):
     """What serve hands vLLM parses with vLLM's own engine arguments and builds an engine
     config with our connector and program-FCFS scheduling, on either build and without a
     GPU (the version matrix runs this under the CUDA wheel too). The two API-server flags
     left over are the server's, not the engine's."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    flags = ServeOptions(model=str(tiny_model_dir)).vllm_flags()
-    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
-    args, rest = parser.parse_known_args(["--model", str(tiny_model_dir), *flags])
+    config, rest = engine_config(ServeOptions(model=str(tiny_model_dir)))
     assert [f for f in rest if f.startswith("--")] == [
         "--middleware",
         "--enable-prompt-tokens-details",
     ]
-    args.load_format, args.skip_tokenizer_init = "dummy", True
-    config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
     assert config.kv_transfer_config.kv_connector == "ContinuumConnector"
     assert config.scheduler_config.policy == "priority"
+
+
+@pytest.mark.parametrize(("policy", "expected"), [(None, "none"), ("tiered", "tiered")])
+def test_below_tiers_the_pins_are_off_unless_a_policy_is_given(tiny_model_dir, policy, expected):
+    """The engine config serve builds with --tiers: ContinuumTieredConnector gives its
+    ContinuumConnector child no pins (the ``none`` policy) when no policy was named, and
+    keeps the one named."""
+    from continuum_tiered.connectors.tiered import default_pins_off
+    from continuum_tiered.tiers import Tiers
+
+    options = ServeOptions(model=str(tiny_model_dir), policy=policy, tiers=Tiers(cpu_bytes=2**30))
+    config, _ = engine_config(options)
+    default_pins_off(config)
+    children = config.kv_transfer_config.kv_connector_extra_config["connectors"]
+    (pin_child,) = [c for c in children if c["kv_connector"] == "ContinuumConnector"]
+    assert pin_child["kv_connector_extra_config"]["policy"] == expected
+    serve.check_policy(options)  # the default it checks is the one the connector takes

@@ -83,14 +83,16 @@ def test_the_request_overhead_delays_each_turn_seen_by_its_program(simple_profil
     assert run.jct_s == pytest.approx(0.047 + 0.1 + 1.0 + 0.031 + 0.1)
 
 
-def _prefix_evicted_during_a_tool_call(profile: str, tmp_path) -> tuple[ReplaySetup, list]:
-    """A's turn-1 KV goes to a disk tier (no CPU tier) that needs 10 s to read its two
-    blocks back (writing them is fast); B fills the 7-block GPU pool during A's tool call,
-    evicting A's cached prefix."""
+def _prefix_evicted_during_a_tool_call(
+    profile: str, tmp_path, disk_read_s: float = 10.0
+) -> tuple[ReplaySetup, list]:
+    """A's turn-1 KV goes to a disk tier (no CPU tier) that needs ``disk_read_s`` to read
+    its two blocks back (writing them is fast); B fills the 7-block GPU pool during A's
+    tool call, evicting A's cached prefix."""
     kv_bytes = DEPLOYMENT.kv_bytes_per_token()
     slow_disk = {
         "cpu": Tier("cpu", 1e12, 0.0),
-        "disk": Tier("disk", 32 * kv_bytes / 10, 0.0, write_bandwidth_bytes_per_s=1e12),
+        "disk": Tier("disk", 32 * kv_bytes / disk_read_s, 0.0, write_bandwidth_bytes_per_s=1e12),
     }
     path = tmp_path / "slow-disk.json"
     dataclasses.replace(TierProfile.load(profile), tiers=slow_disk).save(path)
@@ -120,6 +122,31 @@ def test_a_tier_hit_slower_to_load_than_to_prefill_is_recomputed(simple_profile,
     # Storing the blocks at 1 TB/s adds microseconds (rel=1e-4).
     assert jct_of_a(cost_aware=False) == pytest.approx(0.047 + 1.0 + 10.0 + 0.026 + 0.005)
     assert jct_of_a(cost_aware=True) == pytest.approx(0.047 + 1.0 + 0.058 + 0.005, rel=1e-4)
+
+
+def test_cost_aware_loads_count_promotion_and_what_a_layerwise_load_hides(simple_profile, tmp_path):
+    """A's 32-token disk hit against its 32 ms prefill, with ``tiered``'s decision: read in
+    40 ms it is loaded (the load also moves it to the CPU tier for the next turn, which a
+    recompute would not); read in 80 ms it is recomputed, unless a layer-wise load runs it
+    under the 16 new tokens' compute."""
+
+    def jct_of_a(disk_read_s: float, layerwise: bool) -> float:
+        setup, programs = _prefix_evicted_during_a_tool_call(simple_profile, tmp_path, disk_read_s)
+        peer = dataclasses.replace(
+            PEERS["vllm+lmcache"], lmcache_cost_aware=True, lmcache_layerwise=layerwise
+        )
+        return _jct_of_first(peer, setup, programs)
+
+    turn_1_and_tool, decode = 0.047 + 1.0, 0.005
+    # Loaded before the step, then the 16 new tokens (0.026).
+    assert jct_of_a(0.040, False) == pytest.approx(
+        turn_1_and_tool + 0.040 + 0.026 + decode, rel=1e-4
+    )
+    recompute = turn_1_and_tool + 0.058 + decode
+    assert jct_of_a(0.080, False) == pytest.approx(recompute, rel=1e-4)
+    # The step: the 80 ms read, then the last of its 32 layers' compute (0.026 / 32).
+    layerwise = turn_1_and_tool + 0.080 + 0.026 / 32 + decode
+    assert jct_of_a(0.080, True) == pytest.approx(layerwise, rel=1e-4)
 
 
 def test_the_retention_bound_brings_back_every_prefix_at_no_cost(simple_profile, tmp_path):

@@ -55,6 +55,8 @@ from continuum_tiered.connectors.stats import (
 )
 from continuum_tiered.hints import HintError, request_hints
 from continuum_tiered.lmcache_shadow import TIER_ORDER, LoadCost, TierStore
+from continuum_tiered.plugin import CONNECTOR_NAME
+from continuum_tiered.policies import DEFAULT_POLICY_WITH_TIERS
 from continuum_tiered.tiers import lmcache_tier_bytes
 
 if TYPE_CHECKING:
@@ -101,6 +103,7 @@ class ContinuumTieredConnector(MultiConnector):
                 "ContinuumTieredConnector needs --disable-hybrid-kv-cache-manager (LMCache's "
                 "connector does not support vLLM's hybrid KV cache manager)"
             )
+        default_pins_off(vllm_config)
         super().__init__(vllm_config, role, kv_cache_config)
         self._continuum = _only(self._connectors, ContinuumConnector)
         self._lmcache = _only(self._connectors, LMCacheConnectorV1)
@@ -265,13 +268,18 @@ class ContinuumTieredConnector(MultiConnector):
         profile, every hit is loaded, as LMCache alone would."""
         profile = self._continuum.options.profile
         # The LMCache child's own config, as MultiConnector built it (vLLM's base keeps it).
-        sizes = lmcache_tier_bytes(self._lmcache._kv_transfer_config.kv_connector_extra_config)
+        lmcache_config = self._lmcache._kv_transfer_config.kv_connector_extra_config
+        sizes = lmcache_tier_bytes(lmcache_config)
         if profile is None or sizes is None or any(t not in profile.tiers for t in TIER_ORDER):
             return
         block_bytes = self._block_size * profile.model.kv_bytes_per_token
         self._shadow = TierStore.sized(*sizes, block_bytes)
         self._load_cost = LoadCost(
-            profile.tiers, self._block_size, block_bytes, profile.serving_prefill_coeffs
+            profile.tiers,
+            self._block_size,
+            block_bytes,
+            profile.serving_prefill_coeffs,
+            layerwise=bool(lmcache_config.get("lmcache.use_layerwise", False)),
         )
 
     def _recompute_rather_than_load(self, request: Request, computed: int, hit: int) -> bool:
@@ -285,7 +293,7 @@ class ContinuumTieredConnector(MultiConnector):
         found = self._shadow.lookup(keys)
         # Blocks LMCache holds that the model lost track of: assume the fast tier.
         found += ["cpu"] * (len(keys) - len(found))
-        return not self._load_cost.load_pays(computed, found)
+        return not self._load_cost.load_pays(computed, found, request.num_prompt_tokens)
 
     def _shadow_store(self, request: Request, start_token: int, end_token: int) -> None:
         if self._shadow is not None:
@@ -326,3 +334,13 @@ def _is_returning_turn(request: Request) -> bool:
     except HintError:
         return False
     return hints is not None and hints.turn > 0
+
+
+def default_pins_off(vllm_config: VllmConfig) -> None:
+    """A ``ContinuumConnector`` child configured without a policy gets the one for tiers
+    (``DEFAULT_POLICY_WITH_TIERS``: no pins), before ``MultiConnector`` builds it."""
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    for child in extra.get("connectors", ()):
+        if child.get("kv_connector") == CONNECTOR_NAME:
+            child_extra = child.setdefault("kv_connector_extra_config", {})
+            child_extra.setdefault("policy", DEFAULT_POLICY_WITH_TIERS)

@@ -1,4 +1,4 @@
-"""The targets of the ``tiered`` policy (issue 7), checked on one setting's runs.
+"""The targets of ``tiered``, our default with tiers (issue 7), checked on one setting's runs.
 
 A setting is one trace on one deployment at three loads (light, where ``vllm`` starts to
 saturate, heavier), every run with the same programs, seed and profile. Each check names

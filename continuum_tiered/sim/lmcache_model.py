@@ -83,14 +83,16 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
             if extra["disk_bytes"] > 0 and not self.free
             else None
         )
+        self.layerwise = bool(extra.get("layerwise", False))
         coeffs = extra.get("load_if_faster_than_prefill")
         self.load_cost = (
             None
             if coeffs is None
-            else LoadCost(self.tiers, self.block_size, self.block_bytes, tuple(coeffs))
+            else LoadCost(
+                self.tiers, self.block_size, self.block_bytes, tuple(coeffs), self.layerwise
+            )
         )
         self.write_through = bool(extra.get("write_through", True))
-        self.layerwise = bool(extra.get("layerwise", False))
         self.async_transfers = bool(extra.get("async", False))
         self.clock: Callable[[], float] = lambda: 0.0
         self._h2d_free_at = 0.0  # async loads queue on the link
@@ -158,7 +160,9 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         found = self._readable(request.block_hashes[start:limit])
         if not found:
             return 0, False
-        if self.load_cost is not None and not self.load_cost.load_pays(num_computed_tokens, found):
+        if self.load_cost is not None and not self.load_cost.load_pays(
+            num_computed_tokens, found, request.num_prompt_tokens
+        ):
             return 0, False
         self._planned[request.request_id] = (start, found)
         return len(found) * self.block_size, self.async_transfers

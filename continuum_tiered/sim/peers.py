@@ -8,7 +8,8 @@
 | ``autellix`` | program-level least attained service (PLAS) | freed on finish |
 | ``static-ttl`` | program FCFS | pinned 2 s (Continuum's public code) |
 | ``continuum`` | program FCFS | pinned for the cost-model TTL (our connector) |
-| ``tiered`` | program FCFS | tier-priced TTL, saving-per-block order; tiers, cost-aware loads |
+| ``tiered`` | program FCFS | LMCache tiers, layer-wise and cost-aware loads (no pins) |
+| ``tiered+pins`` | program FCFS | ``tiered`` with the tier-priced TTL pins |
 | ``retention-bound`` | the best of the three orders above | kept off the GPU, back at no cost |
 | ``oracle`` | the best of the three orders above | never lost: GPU KV for every program |
 | ``lmcache-layerwise+priority`` | program FCFS | LMCache write-through, layer-wise loads |
@@ -26,10 +27,14 @@ arrival as the priority (sent by the client), LMCache with ``use_layerwise``; no
 no cost-aware loads. ``COMPONENTS`` adds one mechanism at a time from ``vllm`` to
 ``tiered``, so each one's share of the gain can be read off one run per system.
 
-``tiered`` is ``policies/tiered.py`` over LMCache's CPU and disk tiers, configured with
-layerwise loads (``use_layerwise``: ``serve --tiers ... --layerwise-loads`` on a GPU), which
-overlap a reload with the forward pass, and loading a tier hit only where the transfer
-beats its prefill (``ContinuumTieredConnector`` does so by default).
+``tiered`` is what ``serve --tiers ... --layerwise-loads`` runs on a GPU by default:
+LMCache's CPU and disk tiers with layer-wise loads (``use_layerwise``), which overlap a
+reload with the forward pass, a tier hit loaded only where that beats its prefill over two
+turns (``ContinuumTieredConnector``, ``lmcache_shadow.LoadCost``), and program FCFS; no
+pins, the ``none`` policy. ``tiered+pins`` adds ``policies/tiered.py``'s pins
+(``--policy tiered``): with a CPU tier below, they were worth -1.8% to +0.3% of the gain
+over ``vllm`` in every setting and hardware variant measured (docs/results/components/),
+so the default leaves them out where a tier exists.
 
 The oracle is the lower bound on what KV memory can buy: with memory for everything,
 queue order still matters, so it runs each order (request FCFS, program FCFS, PLAS) and
@@ -114,6 +119,14 @@ PEERS: dict[str, Peer] = {
             "tiered",
             scheduling_policy="priority",
             hooks=PROGRAM_FCFS,
+            lmcache=True,
+            lmcache_layerwise=True,
+            lmcache_cost_aware=True,
+        ),
+        Peer(
+            "tiered+pins",
+            scheduling_policy="priority",
+            hooks=PROGRAM_FCFS,
             pin_policy="tiered",
             lmcache=True,
             lmcache_layerwise=True,
@@ -127,14 +140,6 @@ PEERS: dict[str, Peer] = {
             hooks=PROGRAM_FCFS,
             lmcache=True,
             lmcache_layerwise=True,
-        ),
-        Peer(
-            "tiered-no-pins",
-            scheduling_policy="priority",
-            hooks=PROGRAM_FCFS,
-            lmcache=True,
-            lmcache_layerwise=True,
-            lmcache_cost_aware=True,
         ),
         Peer(
             "continuum-plugin",
@@ -156,8 +161,8 @@ COMPONENTS = (
     ("vllm+priority", "program FCFS"),
     ("lmcache+priority", "CPU/disk tiers"),
     ("lmcache-layerwise+priority", "layer-wise loads"),
-    ("tiered-no-pins", "cost-aware loads"),
-    ("tiered", "pins"),
+    ("tiered", "cost-aware loads"),
+    ("tiered+pins", "pins"),
 )
 
 # Queue orders an oracle run tries: (scheduling policy, hooks).
