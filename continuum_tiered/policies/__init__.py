@@ -21,6 +21,7 @@ DEFAULT_POLICY_WITH_TIERS = "none"
 def default_policy(tiers: bool) -> str:
     return DEFAULT_POLICY_WITH_TIERS if tiers else DEFAULT_POLICY
 
+
 POLICIES: dict[str, type[RetentionPolicy]] = {
     cls.name: cls
     for cls in (TieredPolicy, ContinuumPolicy, StaticTTLPolicy, NoRetentionPolicy, InferCeptPolicy)
