@@ -52,6 +52,7 @@ from vllm.v1.request import Request
 
 from continuum_tiered.hints import ProgramHints
 from continuum_tiered.pins import ReleaseReason
+from continuum_tiered.policies import POLICIES
 from continuum_tiered.sim.scheduler_driver import (
     DriverConfig,
     SchedulerDriver,
@@ -61,11 +62,14 @@ from continuum_tiered.tiny_model import write_tiny_llama
 
 TARGET_OVERHEAD = 0.05
 BLOCK_SIZE = 32
-CONNECTOR_CONFIG: dict[str, Any] = {
-    "kv_connector": "ContinuumConnector",
-    "kv_role": "kv_both",
-    "kv_connector_extra_config": {"policy": "continuum"},
-}
+
+
+def connector_config(policy: str) -> dict[str, Any]:
+    return {
+        "kv_connector": "ContinuumConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"policy": policy},
+    }
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="4,12",
         help="LO,HI output tokens per turn (uniform); longer turns mean fewer turn ends per step",
     )
+    p.add_argument(
+        "--policy",
+        default="continuum",
+        choices=sorted(POLICIES),
+        help="the connector's retention policy (none: the default below LMCache's tiers)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
@@ -325,7 +335,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     # One vLLM config per side, shared by every N: only num_blocks differs per N, and the
     # driver sizes the pool from its own DriverConfig.
     sides: dict[str, tuple[DriverConfig, VllmConfig]] = {}
-    for name, kv in (("baseline", None), ("connector", CONNECTOR_CONFIG)):
+    for name, kv in (("baseline", None), ("connector", connector_config(args.policy))):
         cfg = replace(base, kv_transfer_config=kv)
         sides[name] = (cfg, build_vllm_config(cfg))
 
@@ -366,7 +376,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
             "rounds": args.rounds,
             "seed": args.seed,
             "workload": workload.__dict__,
-            "connector_config": CONNECTOR_CONFIG,
+            "connector_config": connector_config(args.policy),
             "results": results,
             "pass": all(r["pass"] for r in results),
         }
@@ -423,7 +433,7 @@ def print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
     print(
         f"\nscheduler step = schedule() + update_from_output(); {args.steps} timed steps "
         f"after {args.warmup} warm-up, median of {args.rounds} alternating rounds\n"
-        "connector: policy=continuum, tier profile = roofline estimate (none given), "
+        f"connector: policy={args.policy}, tier profile = roofline estimate (none given), "
         "clock = wall clock"
     )
     header = (
