@@ -230,14 +230,23 @@ def parse_policy_options(items: list[str]) -> dict[str, object]:
     return options
 
 
-def check_policy(options: ServeOptions) -> None:
-    """Fail on a bad policy, option or profile now rather than minutes into engine start."""
+def check_policy(options: ServeOptions) -> str:
+    """Fail on a bad policy, option or profile now rather than minutes into engine start;
+    says which policy the connector will run."""
     from continuum_tiered.policies import default_policy, make_policy
     from continuum_tiered.profile import default_profile, load_named_profile
 
     profile = load_named_profile(options.profile) if options.profile else default_profile()
     policy = options.policy or default_policy(options.tiers is not None)
     make_policy(policy, profile, **options.policy_options)
+    if options.policy:
+        return f"retention policy: {policy}"
+    if options.tiers is not None:
+        return (
+            f"retention policy: {policy} (the default below LMCache's tiers: pins earned "
+            "nothing over a CPU tier in any replay; --policy tiered pins)"
+        )
+    return f"retention policy: {policy} (the default)"
 
 
 def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
@@ -252,12 +261,13 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         scope_programs=args.scope_programs,
     )
     flags = options.vllm_flags()
-    check_policy(options)
+    policy_line = check_policy(options)
     if options.tiers is not None:
         options.tiers.check()
     env = cpu_core_reservation(passthrough)
     command = [*vllm_server_command(options.model), *flags]
     runs = [f"{k}={v}" for k, v in env.items()] + command
+    print(policy_line)
     print(
         ("Would run" if args.dry_run else "Running")
         + " (this interpreter, no `vllm` from PATH needed):\n  "

@@ -148,4 +148,5 @@ def test_below_tiers_the_pins_are_off_unless_a_policy_is_given(tiny_model_dir, p
     children = config.kv_transfer_config.kv_connector_extra_config["connectors"]
     (pin_child,) = [c for c in children if c["kv_connector"] == "ContinuumConnector"]
     assert pin_child["kv_connector_extra_config"]["policy"] == expected
-    serve.check_policy(options)  # the default it checks is the one the connector takes
+    # The policy serve checks and reports is the one the connector takes.
+    assert serve.check_policy(options).startswith(f"retention policy: {expected}")

@@ -73,6 +73,15 @@ def test_serve_composes_continuum_with_lmcache(tmp_path):
     assert "--disable-hybrid-kv-cache-manager" in flags
 
 
+def test_serve_says_which_policy_runs_and_why(capsys):
+    assert main(["serve", "m", "--tiers", "cpu=1GB", "--dry-run"]) == 0
+    assert "retention policy: none (the default below LMCache's tiers" in capsys.readouterr().out
+    assert main(["serve", "m", "--dry-run"]) == 0
+    assert "retention policy: tiered (the default)" in capsys.readouterr().out
+    assert main(["serve", "m", "--tiers", "cpu=1GB", "--policy", "tiered", "--dry-run"]) == 0
+    assert "retention policy: tiered\n" in capsys.readouterr().out
+
+
 def test_serve_refuses_a_bad_tier_before_starting_vllm(capsys):
     assert main(["serve", "m", "--tiers", f"cpu={1000 * 1024 * GIB}B", "--dry-run"]) == 2
     assert "memory available" in capsys.readouterr().err
