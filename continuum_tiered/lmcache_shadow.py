@@ -106,7 +106,8 @@ class LoadCost:
     - A load promotes the hit's disk chunks to the CPU tier; a recompute leaves them on
       disk (LMCache skips storing chunks it holds), so the program's next turn meets the
       same slow hit again. Declining a disk hit therefore costs its prefill twice, loading
-      it costs the transfer now and a CPU reload next turn. (Priced over one turn, every
+      it costs the transfer now and a CPU reload next turn (each turn's load hiding behind
+      that turn's compute as below). (Priced over one turn, every
       long disk hit is recomputed turn after turn: 3.9% more average JCT on SWE-bench 8B
       at 0.3 programs/s than loading every hit.)
     - With ``layerwise`` loads (LMCache's ``use_layerwise``) the transfer runs under the

@@ -334,8 +334,9 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     )
     # One vLLM config per side, shared by every N: only num_blocks differs per N, and the
     # driver sizes the pool from its own DriverConfig.
+    connector = connector_config(args.policy)
     sides: dict[str, tuple[DriverConfig, VllmConfig]] = {}
-    for name, kv in (("baseline", None), ("connector", connector_config(args.policy))):
+    for name, kv in (("baseline", None), ("connector", connector)):
         cfg = replace(base, kv_transfer_config=kv)
         sides[name] = (cfg, build_vllm_config(cfg))
 
@@ -376,7 +377,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
             "rounds": args.rounds,
             "seed": args.seed,
             "workload": workload.__dict__,
-            "connector_config": connector_config(args.policy),
+            "connector_config": connector,
             "results": results,
             "pass": all(r["pass"] for r in results),
         }

@@ -224,7 +224,7 @@ class SchedulerDriver:
         oldest in flight (the one just scheduled, without async scheduling). With nothing
         left to schedule, only the oldest in flight is processed."""
         if not self.scheduler.has_requests() and self._in_flight:
-            step, done = None, self._in_flight.popleft()
+            step, done = None, self.oldest_in_flight()
         else:
             step = self.schedule()
             done = self.advance(step)
