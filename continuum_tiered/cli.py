@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from continuum_tiered import demo, serve
+from continuum_tiered.client.proxy.cli import add_proxy_parser
+from continuum_tiered.lab import demo
 from continuum_tiered.profiling import cli as profiling_cli
-from continuum_tiered.proxy.cli import add_proxy_parser
-from continuum_tiered.replay_cli import add_replay_parser
+from continuum_tiered.replay.cli import add_replay_parser
 from continuum_tiered.sim.cli import add_simulate_parser
 from continuum_tiered.traces.cli import add_trace_parser
+from continuum_tiered.vllm import serve
 
 
 def build_parser() -> argparse.ArgumentParser:

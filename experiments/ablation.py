@@ -15,8 +15,8 @@
 
 import sys
 
-from continuum_tiered.experiment import ABLATION
-from continuum_tiered.experiment_cli import experiment_main
+from continuum_tiered.lab.cli import experiment_main
+from continuum_tiered.lab.experiment import ABLATION
 
 if __name__ == "__main__":
     sys.exit(experiment_main("ablation", "swebench", ABLATION, "Ablation on SWE-bench"))

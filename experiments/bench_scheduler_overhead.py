@@ -50,15 +50,15 @@ from tqdm import tqdm
 from vllm.config import VllmConfig
 from vllm.v1.request import Request
 
-from continuum_tiered.hints import ProgramHints
-from continuum_tiered.pins import ReleaseReason
+from continuum_tiered.core.hints import ProgramHints
+from continuum_tiered.core.pins import ReleaseReason
+from continuum_tiered.lab.tiny_model import write_tiny_llama
 from continuum_tiered.policies import POLICIES
 from continuum_tiered.sim.scheduler_driver import (
     DriverConfig,
     SchedulerDriver,
     build_vllm_config,
 )
-from continuum_tiered.tiny_model import write_tiny_llama
 
 TARGET_OVERHEAD = 0.05
 BLOCK_SIZE = 32

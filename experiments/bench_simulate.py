@@ -13,9 +13,9 @@ import time
 
 from tqdm import tqdm
 
-from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.core.deployment import Deployment
 from continuum_tiered.sim.peers import get_peer
-from continuum_tiered.sim.replay import ReplaySetup, replay
+from continuum_tiered.sim.simulate import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 
 TARGET_S = 300.0

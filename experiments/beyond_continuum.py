@@ -18,7 +18,7 @@ reaches 1.5x the light one (SWE-bench 8B: 206 s at 0.1, 521 s at 0.15; BFCL 8B: 
     python experiments/beyond_continuum.py [--settings swebench-8b,bfcl-8b,...]
         [--programs-scale 1.0] [--seed 0] [--out out/beyond_continuum]
 
-Writes report.md (tables, the checks of continuum_tiered/sim/goals.py), results.json,
+Writes report.md (tables, the checks of continuum_tiered/lab/goals.py), results.json,
 jct_vs_load.png and ratio_to_oracle.png.
 """
 
@@ -32,10 +32,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from continuum_tiered.metrics import RunSummary, markdown_table
-from continuum_tiered.plots import pyplot
-from continuum_tiered.sim.deployment import Deployment
-from continuum_tiered.sim.goals import (
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.metrics import RunSummary, markdown_table
+from continuum_tiered.core.plots import pyplot
+from continuum_tiered.lab.goals import (
     OURS,
     RETENTION_BOUND,
     Check,
@@ -43,8 +43,8 @@ from continuum_tiered.sim.goals import (
     setting_checks,
 )
 from continuum_tiered.sim.peers import get_peer
-from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.sim.settings import SETTINGS, Setting
+from continuum_tiered.sim.simulate import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.traces.shifts import bimodal_tools, slow_tools_after

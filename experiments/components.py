@@ -36,12 +36,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from continuum_tiered.metrics import RunSummary, markdown_table
-from continuum_tiered.plots import pyplot
-from continuum_tiered.sim.goals import OURS, RETENTION_BOUND
+from continuum_tiered.core.metrics import RunSummary, markdown_table
+from continuum_tiered.core.plots import pyplot
+from continuum_tiered.lab.goals import OURS, RETENTION_BOUND
 from continuum_tiered.sim.peers import COMPONENTS, get_peer
-from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.sim.settings import HARDWARE, SETTINGS, Hardware, Setting
+from continuum_tiered.sim.simulate import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
 

@@ -1,14 +1,14 @@
 """Derive the built-in H100 tier profiles from aiconfigurator-core's measured kernel tables.
 
 Writes ``h100-llama-3.1-8b.json`` and ``h100-llama-3.1-70b-tp4.json`` and prints them
-next to the roofline estimate of ``continuum_tiered.roofline`` (prefill) and the HBM
+next to the roofline estimate of ``continuum_tiered.core.roofline`` (prefill) and the HBM
 roofline of ``continuum_tiered.sim.step_time`` (decode, used when a profile has none).
 Needs ``pyarrow`` and ``pyyaml`` to read the wheel:
 
     pip download --no-deps aiconfigurator-core==0.12.0 -d /tmp/aic
     python experiments/derive_h100_profiles.py \\
         --wheel /tmp/aic/aiconfigurator_core-0.12.0-cp311-abi3-manylinux_2_28_x86_64.whl \\
-        --out-dir continuum_tiered/profiles
+        --out-dir continuum_tiered/data/profiles
 
 ``--tiers-only`` instead of ``--wheel`` redoes the tiers, host figure, provenance and
 source text of the profiles already in ``--out-dir`` without the wheel, keeping their
@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from continuum_tiered.profile import ModelShape, TierProfile
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.profile import ModelShape, TierProfile
+from continuum_tiered.core.roofline import estimated_profile
 from continuum_tiered.profiling.published import derive_profile, h100_profile, read_tables
-from continuum_tiered.roofline import estimated_profile
-from continuum_tiered.sim.deployment import Deployment
 from continuum_tiered.sim.step_time import StepTimeModel
 
 MODELS = {"llama-3.1-8b": 1, "llama-3.1-70b-tp4": 4}  # model -> tensor-parallel degree
@@ -71,7 +71,7 @@ def main() -> None:
         action="store_true",
         help="no wheel: redo the tiers of the profiles in --out-dir, keep their kernel fits",
     )
-    p.add_argument("--out-dir", type=Path, default=Path("continuum_tiered/profiles"))
+    p.add_argument("--out-dir", type=Path, default=Path("continuum_tiered/data/profiles"))
     args = p.parse_args()
     tables = None if args.tiers_only else read_tables(args.wheel)
     rows = []

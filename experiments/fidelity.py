@@ -4,7 +4,7 @@
    the replay steps as long as the vLLM engine does, not as a bare forward pass.
 2. At each load (programs per second: light, medium, saturating on this machine), replay a
    small SWE-bench slice in real time on vLLM's engine in this process
-   (:mod:`continuum_tiered.engine_replay`: ``LLMEngine``, no HTTP server and no client on
+   (:mod:`continuum_tiered.lab.in_process_replay`: ``LLMEngine``, no HTTP server and no client on
    the cores; the plugin's connector configured as ``continuum-tiered serve`` configures
    it; tool calls are wall-clock pauses). A fresh engine per load: no prefix or policy
    state carries over from one load to the next, as in the virtual replay.
@@ -89,29 +89,33 @@ from typing import Any
 from tqdm import tqdm
 from vllm.v1.engine.llm_engine import LLMEngine
 
-from continuum_tiered.agent_runner import (
-    ProgramRecord,
-    RunnerOptions,
-    run_programs,
-    summarize_records,
-)
 from continuum_tiered.cli import main as cli
-from continuum_tiered.engine_replay import (
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.metrics import RunSummary
+from continuum_tiered.core.plots import pyplot
+from continuum_tiered.core.profile import TierProfile
+from continuum_tiered.lab.experiment import DEMO_SHAPE
+from continuum_tiered.lab.in_process_replay import (
     EngineSetup,
     RealTimeReplay,
     served_engine,
     timed_request,
 )
-from continuum_tiered.experiment import DEMO_SHAPE
-from continuum_tiered.metrics import RunSummary
-from continuum_tiered.plots import pyplot
-from continuum_tiered.profile import TierProfile
-from continuum_tiered.server import ServerProcess, plugin_server_command, prometheus_samples
-from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.lab.server_process import (
+    ServerProcess,
+    plugin_server_command,
+    prometheus_samples,
+)
+from continuum_tiered.lab.tiny_model import write_tiny_llama
+from continuum_tiered.replay.runner import (
+    ProgramRecord,
+    RunnerOptions,
+    run_programs,
+    summarize_records,
+)
 from continuum_tiered.sim.peers import PROGRAM_FCFS, Peer, get_peer
-from continuum_tiered.sim.replay import ReplaySetup, replay
+from continuum_tiered.sim.simulate import ReplaySetup, replay
 from continuum_tiered.sim.step_time import StepTimeModel
-from continuum_tiered.tiny_model import write_tiny_llama
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
 

@@ -2,7 +2,7 @@
 answered 400 naming the problem, or served; never a 5xx; no KV block left behind.
 
 Method. One server on vLLM's CPU build: the tiny random Llama of
-:mod:`continuum_tiered.tiny_model`, the default retention policy (whose TTLs on a model
+:mod:`continuum_tiered.lab.tiny_model`, the default retention policy (whose TTLs on a model
 this small are 0: ``--policy static-ttl`` makes pins to check for leaks), a KV pool of
 ``--kv-blocks`` blocks, the hint-checking middleware (``--scope-programs api-key``: the
 scoping one), and a one-line chat template so that ``/v1/chat/completions`` serves too.
@@ -19,7 +19,7 @@ sent once, in order, with the answer checked:
   it cannot parse), or 200 (served); another 4xx with a message (404 for an unknown
   model) is counted apart; a 5xx, a dropped connection or an answer without a message is
   wrong;
-- where the shared reader (:func:`continuum_tiered.request_body.request_error`) finds a
+- where the shared reader (:func:`continuum_tiered.core.request_body.request_error`) finds a
   problem, the answer must be 400 with its message, word for word.
 
 Then a plain request must be served, every program sent a good hint gets a last turn, and
@@ -48,22 +48,22 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from continuum_tiered.hints import HINTS_KEY, MAX_PROGRAM_ID_LEN, MAX_TURN, parse_hints
-from continuum_tiered.reliability import (
-    format_problems,
-    kv_state,
-    log_problems,
-    wait_for_pins_gone,
-)
-from continuum_tiered.request_body import (
+from continuum_tiered.core.hints import HINTS_KEY, MAX_PROGRAM_ID_LEN, MAX_TURN, parse_hints
+from continuum_tiered.core.request_body import (
     MAX_JSON_DEPTH,
     BodyError,
     error_message,
     load_json_object,
     request_error,
 )
-from continuum_tiered.server import ServerProcess, plugin_server_command
-from continuum_tiered.tiny_model import TinyLlamaShape, write_tiny_llama
+from continuum_tiered.lab.reliability import (
+    format_problems,
+    kv_state,
+    log_problems,
+    wait_for_pins_gone,
+)
+from continuum_tiered.lab.server_process import ServerProcess, plugin_server_command
+from continuum_tiered.lab.tiny_model import TinyLlamaShape, write_tiny_llama
 
 PATHS = ("/v1/completions", "/v1/chat/completions")
 MODEL = "tiny"

@@ -1,7 +1,8 @@
 """Fuzz ``ContinuumConnector`` in vLLM's real Scheduler and BlockPool for a long run.
 
 Runs ``--sequences`` random event sequences (default 10,000) of the state machine in
-``continuum_tiered.sim.fuzz`` (the one ``tests/test_scheduler_fuzz.py`` runs briefly in CI)
+``continuum_tiered.lab.scheduler_fuzz`` (the one ``tests/test_scheduler_fuzz.py`` runs briefly in
+CI)
 with the retention policy ``--policy`` (default: the connector's default, ``tiered``), and
 prints the count, the time and, on failure, hypothesis's minimal failing sequence with
 its events as ``SchedulerDriver`` calls; exits 1 on failure. Each sequence is at most
@@ -11,7 +12,7 @@ its events as ``SchedulerDriver`` calls; exits 1 on failure. Each sequence is at
         [--profile slow|estimate] [--scheduling priority|fcfs] [--rules 25] [--seed S]
         [--tolerate NAME ...] [--no-shrink]
 
-``--tolerate NAME`` (repeatable; names in ``continuum_tiered.sim.fuzz.VIOLATIONS``) ends a
+``--tolerate NAME`` (repeatable; names in ``continuum_tiered.lab.scheduler_fuzz.VIOLATIONS``) ends a
 sequence quietly at that invariant's violation and counts it, so that a run with a known
 defect keeps looking for others.
 """
@@ -29,15 +30,15 @@ from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis.stateful import get_state_machine_test
 from tqdm import tqdm
 
-from continuum_tiered.policies import DEFAULT_POLICY, POLICIES
-from continuum_tiered.sim.fuzz import (
+from continuum_tiered.lab.scheduler_fuzz import (
     REPRO_PRELUDE,
     VIOLATIONS,
     FuzzSetup,
     Variant,
     quiet_logs,
 )
-from continuum_tiered.tiny_model import write_tiny_llama
+from continuum_tiered.lab.tiny_model import write_tiny_llama
+from continuum_tiered.policies import DEFAULT_POLICY, POLICIES
 
 
 def main(argv: list[str] | None = None) -> int:

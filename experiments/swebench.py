@@ -4,13 +4,13 @@
         [--model NAME --vllm-arg='FLAGS' ...] [--out out/swebench]
 
 Writes report.md, results.json, jct_cdf.png and avg_jct.png (see
-continuum_tiered/experiment_cli.py for the options).
+continuum_tiered/lab/cli.py for the options).
 """
 
 import sys
 
-from continuum_tiered.experiment import BASELINES
-from continuum_tiered.experiment_cli import experiment_main
+from continuum_tiered.lab.cli import experiment_main
+from continuum_tiered.lab.experiment import BASELINES
 
 if __name__ == "__main__":
     sys.exit(experiment_main("swebench", "swebench", BASELINES, "SWE-bench on live servers"))

@@ -33,7 +33,7 @@ if [ "$EXTRAS" = cpu,dev ]; then
   # LMCache (the gpu extra's pin) for the CPU and disk tiers. Its declared dependencies
   # (numpy<=2.2.6, protobuf<7, cupy-cuda13x, ...) would replace vLLM's, so it goes in without
   # them, plus the one it imports on the CPU path that vLLM does not bring (aiofile).
-  # continuum_tiered.lmcache_cpu supplies the KV connector it lacks on CPU.
+  # continuum_tiered.vllm.lmcache.cpu_build supplies the KV connector it lacks on CPU.
   "$VENV/bin/python" -m pip install --quiet --no-deps "lmcache==0.5.6"
   "$VENV/bin/python" -m pip install --quiet "aiofile>=3.8"
 fi

@@ -3,8 +3,8 @@
 # CuPy and transformers, but no vLLM and no network. About five minutes:
 #   1. `continuum-tiered profile --device cuda --tiers cpu,disk:...` for the Llama-3.1-8B
 #      shape and one GPU's shard of Llama-3.1-70B at tensor parallel 4 (the deployments of
-#      continuum_tiered/sim/deployment.py), and a table of measured / derived-H100 figures
-#      (continuum_tiered/profiles/h100-*.json, continuum_tiered/profiling/compare.py);
+#      continuum_tiered/core/deployment.py), and a table of measured / derived-H100 figures
+#      (continuum_tiered/data/profiles/h100-*.json, continuum_tiered/profiling/compare.py);
 #   2. LMCache's own connector storing and loading KV between GPU, CPU and disk, timed
 #      (scripts/gpu_check_lmcache.py), when the LMCache wheel for this Python came along;
 #   3. the CUDA-only test paths (tests/test_profiling.py's CUDA profile, CuPy copies), if
@@ -210,8 +210,8 @@ mkdir -p "$DISK"
 for model in "${MODELS[@]}"; do
   "$PY" -c '
 import json, sys
-from continuum_tiered.sim.deployment import Deployment
-from continuum_tiered.tiny_model import TinyLlamaShape, hf_config
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.lab.tiny_model import TinyLlamaShape, hf_config
 
 model = sys.argv[1]
 shape = hf_config(TinyLlamaShape()) if model == "tiny-llama" else Deployment(model).hf_config()

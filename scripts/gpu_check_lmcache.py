@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens % CHUNK or args.tokens % BLOCK[args.device]:
         parser.error(f"--tokens must be a multiple of {CHUNK} and {BLOCK[args.device]}")
     if args.device == "cpu":
-        from continuum_tiered.lmcache_cpu import install
+        from continuum_tiered.vllm.lmcache.cpu_build import install
 
         install()
     config = json.loads(args.config.read_text())

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from continuum_tiered.hints import ProgramHints
-from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.hints import ProgramHints
 from continuum_tiered.sim.peers import PEERS
-from continuum_tiered.sim.replay import ReplaySetup, replay
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
+from continuum_tiered.sim.simulate import ReplaySetup, replay
 from continuum_tiered.traces.model import TraceProgram, Turn
 
 BLOCK = 32

@@ -1,4 +1,4 @@
-"""The version and private-API check the connector runs at start (continuum_tiered.compat)."""
+"""The version and private-API check the connector runs at start (continuum_tiered.vllm.compat)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from continuum_tiered import compat
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
+from continuum_tiered.vllm import compat
 
 
 def test_the_installed_vllm_is_checked_and_has_every_name_we_use():
@@ -33,7 +33,7 @@ def test_a_vllm_outside_the_matrix_is_refused_by_name(version, monkeypatch):
 
 def test_the_override_turns_the_refusal_into_a_warning(monkeypatch, caplog):
     monkeypatch.setenv(compat.ALLOW_UNTESTED, "1")
-    with caplog.at_level(logging.WARNING, logger="continuum_tiered.compat"):
+    with caplog.at_level(logging.WARNING, logger="continuum_tiered.vllm.compat"):
         compat.check_vllm("0.34.0")
     assert "this is vLLM 0.34.0; running anyway" in caplog.text
 

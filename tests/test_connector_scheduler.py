@@ -12,12 +12,12 @@ from collections.abc import Iterator
 import pytest
 from vllm.v1.request import RequestStatus
 
-from continuum_tiered.hints import ProgramHints
-from continuum_tiered.pins import ReleaseReason
+from continuum_tiered.core.hints import ProgramHints
+from continuum_tiered.core.pins import ReleaseReason
+from continuum_tiered.core.profile import PROFILE_VERSION, ModelShape, TierProfile
+from continuum_tiered.core.programs import ProgramState
 from continuum_tiered.policies import ContinuumPolicy, TieredPolicy
 from continuum_tiered.policies.static_ttl import NoRetentionPolicy, StaticTTLPolicy
-from continuum_tiered.profile import PROFILE_VERSION, ModelShape, TierProfile
-from continuum_tiered.programs import ProgramState
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
 
 BLOCK = 32

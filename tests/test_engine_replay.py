@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from vllm.v1.engine.llm_engine import LLMEngine
 
-from continuum_tiered.engine_replay import (
+from continuum_tiered.lab.in_process_replay import (
     EngineSetup,
     RealTimeReplay,
     fresh_tokens,

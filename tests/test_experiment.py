@@ -17,9 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from continuum_tiered import demo
-from continuum_tiered.agent_runner import ProgramRecord, TurnRecord, summarize_records
-from continuum_tiered.experiment import (
+from continuum_tiered.core.profile import load_named_profile
+from continuum_tiered.lab import demo
+from continuum_tiered.lab.cli import (
+    engine_for,
+    experiment_parser,
+    resolve_defaults,
+    setup_lines,
+)
+from continuum_tiered.lab.experiment import (
     ABLATION,
     BASELINES,
     CONTINUUM_TIERED,
@@ -34,16 +40,10 @@ from continuum_tiered.experiment import (
     trace_programs,
     wait_for_quiet_machine,
 )
-from continuum_tiered.experiment_cli import (
-    engine_for,
-    experiment_parser,
-    resolve_defaults,
-    setup_lines,
-)
-from continuum_tiered.experiment_report import ratios_to_baseline, write_report
-from continuum_tiered.profile import load_named_profile
-from continuum_tiered.server import BLOCK_SIZE
-from continuum_tiered.tiers import Tiers
+from continuum_tiered.lab.report import ratios_to_baseline, write_report
+from continuum_tiered.lab.server_process import BLOCK_SIZE
+from continuum_tiered.replay.runner import ProgramRecord, TurnRecord, summarize_records
+from continuum_tiered.vllm.tiers import Tiers
 
 ENGINE = Engine.random_cpu(Path("/models/tiny"), 64)
 SCRATCH = Path("/scratch/run-1")

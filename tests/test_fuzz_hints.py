@@ -9,8 +9,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from continuum_tiered.hints import HintError
-from continuum_tiered.request_body import BodyError, bad_request_body, request_error
+from continuum_tiered.core.hints import HintError
+from continuum_tiered.core.request_body import BodyError, bad_request_body, request_error
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "fuzz_hints.py"
 

@@ -1,5 +1,5 @@
-from continuum_tiered.metrics import RunSummary
-from continuum_tiered.sim.goals import robustness_check, setting_checks
+from continuum_tiered.core.metrics import RunSummary
+from continuum_tiered.lab.goals import robustness_check, setting_checks
 
 
 def _run(policy: str, jps: float, avg: float, p95: float | None = None, tput: float = 100.0):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from continuum_tiered.profile import Tier, TierProfile, load_named_profile
+from continuum_tiered.core.profile import Tier, TierProfile, load_named_profile
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "scripts" / "gpu-check.sh"

@@ -17,7 +17,7 @@ from vllm import SamplingParams
 from vllm.v1.kv_hints import KvHintAction, KvHintsEnvelope
 from vllm.v1.request import Request
 
-from continuum_tiered.hints import HintError, ProgramHints, parse_hints
+from continuum_tiered.core.hints import HintError, ProgramHints, parse_hints
 from continuum_tiered.policies.static_ttl import StaticTTLPolicy
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
 

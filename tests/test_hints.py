@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from continuum_tiered.hints import (
+from continuum_tiered.core.hints import (
     HINTS_KEY,
     HintError,
     ProgramHints,

@@ -17,11 +17,11 @@ from starlette.types import Receive, Scope, Send
 from test_proxy import serve_in_thread
 
 from continuum_tiered.cli import main
-from continuum_tiered.hints import MAX_PROGRAM_ID_LEN
-from continuum_tiered.middleware import HintValidationMiddleware, ProgramScopeMiddleware
-from continuum_tiered.proxy.app import ProxyOptions, create_app
-from continuum_tiered.request_body import MAX_JSON_DEPTH, BodyError, load_json_object
-from continuum_tiered.tenancy import api_key_scope, scoped_program_id
+from continuum_tiered.client.proxy.app import ProxyOptions, create_app
+from continuum_tiered.core.hints import MAX_PROGRAM_ID_LEN
+from continuum_tiered.core.request_body import MAX_JSON_DEPTH, BodyError, load_json_object
+from continuum_tiered.core.tenancy import api_key_scope, scoped_program_id
+from continuum_tiered.vllm.middleware import HintValidationMiddleware, ProgramScopeMiddleware
 
 
 async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:

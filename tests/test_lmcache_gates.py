@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from continuum_tiered.connectors import lmcache_residency
-from continuum_tiered.connectors.lmcache_residency import LMCacheResidency
+from continuum_tiered.vllm.lmcache import residency as lmcache_residency
+from continuum_tiered.vllm.lmcache.residency import LMCacheResidency
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ and, with layer-wise loads, at what the prompt's own compute does not hide."""
 
 from __future__ import annotations
 
-from continuum_tiered.lmcache_shadow import LoadCost
-from continuum_tiered.profile import Tier
+from continuum_tiered.core.profile import Tier
+from continuum_tiered.core.tier_model import LoadCost
 
 BLOCK = 16
 BLOCK_BYTES = 1000

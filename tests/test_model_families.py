@@ -22,17 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from continuum_tiered import model_dims
-from continuum_tiered.hints import ProgramHints
-from continuum_tiered.pins import ReleaseReason
-from continuum_tiered.policies.static_ttl import StaticTTLPolicy
-from continuum_tiered.profile import ModelShape
-from continuum_tiered.roofline import (
+from continuum_tiered.core import model_shapes
+from continuum_tiered.core.hints import ProgramHints
+from continuum_tiered.core.pins import ReleaseReason
+from continuum_tiered.core.profile import ModelShape
+from continuum_tiered.core.roofline import (
     ROOFLINES,
     active_parameter_count,
     estimated_profile,
     parameter_count,
 )
+from continuum_tiered.policies.static_ttl import StaticTTLPolicy
 
 OPT_125M = {
     "_name_or_path": "facebook/opt-125m",
@@ -172,11 +172,11 @@ FAMILIES = {
 
 @pytest.fixture
 def warnings_logged(caplog) -> Iterator[pytest.LogCaptureFixture]:
-    """The warnings of ``continuum_tiered.model_dims``, also once vLLM's plugin has sent our
+    """The warnings of ``continuum_tiered.core.model_shapes``, also once vLLM's plugin has sent our
     loggers to its own handlers (they no longer propagate to pytest's)."""
-    logger = logging.getLogger("continuum_tiered.model_dims")
+    logger = logging.getLogger("continuum_tiered.core.model_shapes")
     logger.addHandler(caplog.handler)
-    model_dims._warned.clear()  # each field is warned about once per process
+    model_shapes._warned.clear()  # each field is warned about once per process
     try:
         yield caplog
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from vllm.v1.core.block_pool import BlockPool
 
-from continuum_tiered.pins import Pin, PinTable, ReleaseReason
+from continuum_tiered.core.pins import Pin, PinTable, ReleaseReason
 
 
 @pytest.fixture

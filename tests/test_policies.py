@@ -3,7 +3,9 @@ import math
 import pytest
 from vllm.v1.core.block_pool import BlockPool
 
-from continuum_tiered.pins import Pin, PinTable
+from continuum_tiered.core.pins import Pin, PinTable
+from continuum_tiered.core.profile import PROFILE_VERSION, ModelShape, Tier, TierProfile
+from continuum_tiered.core.ttl import EtaEstimator, TTLDecision
 from continuum_tiered.policies import (
     DEFAULT_POLICY,
     POLICIES,
@@ -16,8 +18,6 @@ from continuum_tiered.policies import (
     make_policy,
 )
 from continuum_tiered.policies.infercept import InferCeptPolicy
-from continuum_tiered.profile import PROFILE_VERSION, ModelShape, Tier, TierProfile
-from continuum_tiered.ttl import EtaEstimator, TTLDecision
 
 # 1000 bytes per token; prefill 1 ms per token; CPU reload 0.1 ms per token.
 PROFILE = TierProfile(

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from continuum_tiered.profile import (
+from continuum_tiered.core.profile import (
     PROFILE_VERSION,
     EngineSteps,
     ModelShape,
@@ -67,7 +67,7 @@ def test_from_hf_config_assumes_a_missing_key_and_warns_naming_it(key, assumed, 
     config = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128}
     del config[key]
     # vLLM's plugin, once loaded in this process, sends our records to its own handlers.
-    logger = logging.getLogger("continuum_tiered.model_dims")
+    logger = logging.getLogger("continuum_tiered.core.model_shapes")
     logger.addHandler(caplog.handler)
     try:
         shape = ModelShape.from_hf_config(config, name=f"no-{key}")

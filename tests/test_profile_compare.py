@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from continuum_tiered.profile import ProfileError, Tier, TierProfile, load_named_profile
+from continuum_tiered.core.profile import ProfileError, Tier, TierProfile, load_named_profile
 from continuum_tiered.profiling.compare import Row, compare, format_table, main
 
 DERIVED_8B = "h100-llama-3.1-8b"

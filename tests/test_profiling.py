@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from continuum_tiered.cli import main
-from continuum_tiered.profile import ModelShape, ProfileError, TierProfile
+from continuum_tiered.core.profile import ModelShape, ProfileError, TierProfile
 from continuum_tiered.profiling import cli as profiling_cli
 from continuum_tiered.profiling import compute, disk, transfers
 from continuum_tiered.profiling.measure import (

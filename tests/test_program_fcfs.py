@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from continuum_tiered.client import AgentProgram
+from continuum_tiered.client.agent_program import AgentProgram
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from continuum_tiered.programs import ProgramState, ProgramTable
+from continuum_tiered.core.programs import ProgramState, ProgramTable
 
 
 def test_seq_follows_first_arrival_order() -> None:

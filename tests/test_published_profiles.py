@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from continuum_tiered.profile import ModelShape, TierProfile, load_named_profile
-from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.profile import ModelShape, TierProfile, load_named_profile
 
 MODELS = ("llama-3.1-8b", "llama-3.1-70b-tp4")
 

@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from continuum_tiered.profile import BUILTIN_DIR, TierProfile
+from continuum_tiered.core.profile import BUILTIN_DIR, TierProfile
 from continuum_tiered.profiling.published import PCIE_DUPLEX_SHARE, h100_profile
 
 MODELS = {"llama-3.1-8b": 1, "llama-3.1-70b-tp4": 4}

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from continuum_tiered.reliability import Mismatch, compare_turns, log_problems
+from continuum_tiered.lab.reliability import Mismatch, compare_turns, log_problems
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -210,7 +210,7 @@ def test_proxy_notes_report_gateway_answers_and_slow_attempts_during_the_outage(
 
 
 def test_rss_sampler_reads_the_series_at_fractions_of_the_run():
-    from continuum_tiered.reliability import RssSampler
+    from continuum_tiered.lab.reliability import RssSampler
 
     sampler = RssSampler(root_pid=-1)
     sampler.series = [(0.0, {"worker": 1}), (4.0, {"worker": 2}), (10.0, {"worker": 3, "api": 9})]

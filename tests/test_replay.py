@@ -18,9 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from continuum_tiered.agent_runner import RetryPolicy, RunnerOptions, run_programs
 from continuum_tiered.cli import main
-from continuum_tiered.server import ServerProcess, plugin_server_command, prometheus_samples
+from continuum_tiered.lab.server_process import (
+    ServerProcess,
+    plugin_server_command,
+    prometheus_samples,
+)
+from continuum_tiered.replay.runner import RetryPolicy, RunnerOptions, run_programs
 from continuum_tiered.traces.model import TraceProgram, Turn, write_trace
 
 TURNS = 3
@@ -74,7 +78,7 @@ def read_outputs(out: Path) -> tuple[dict, list[dict]]:
 
 
 def test_replay_client_imports_no_vllm():
-    code = "import sys, continuum_tiered.replay_cli; sys.exit('vllm' in sys.modules)"
+    code = "import sys, continuum_tiered.replay.cli; sys.exit('vllm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -1,6 +1,6 @@
 """Stateful fuzz of ContinuumConnector in vLLM's real Scheduler and BlockPool (issue 18).
 
-The state machine is ``continuum_tiered.sim.fuzz.SchedulerFuzz`` (its docstring lists the
+The state machine is ``continuum_tiered.lab.scheduler_fuzz.SchedulerFuzz`` (its docstring lists the
 rules and invariants); ``experiments/fuzz_scheduler.py`` runs it for 10,000 sequences.
 Here a short derandomized run per retention-policy variant checks every invariant after
 every rule and engine step. Then one deterministic test per defect the long run found in
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 from vllm.v1.request import RequestStatus
 
-from continuum_tiered.sim.fuzz import (
+from continuum_tiered.lab.scheduler_fuzz import (
     STEP_S,
     FuzzSetup,
     Variant,

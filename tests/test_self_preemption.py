@@ -26,8 +26,8 @@ import pytest
 import vllm
 from vllm.v1.request import Request, RequestStatus
 
-from continuum_tiered.hints import ProgramHints
-from continuum_tiered.pins import ReleaseReason
+from continuum_tiered.core.hints import ProgramHints
+from continuum_tiered.core.pins import ReleaseReason
 from continuum_tiered.policies.static_ttl import StaticTTLPolicy
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver
 

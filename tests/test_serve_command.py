@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from continuum_tiered import serve
 from continuum_tiered.cli import main
-from continuum_tiered.serve import (
+from continuum_tiered.vllm import serve
+from continuum_tiered.vllm.serve import (
     VLLM_API_SERVER_MODULE,
     VLLM_CLI_MODULE,
     ServeOptions,
@@ -139,8 +139,8 @@ def test_below_tiers_the_pins_are_off_unless_a_policy_is_given(tiny_model_dir, p
     """The engine config serve builds with --tiers: ContinuumTieredConnector gives its
     ContinuumConnector child no pins (the ``none`` policy) when no policy was named, and
     keeps the one named."""
-    from continuum_tiered.connectors.tiered import default_pins_off
-    from continuum_tiered.tiers import Tiers
+    from continuum_tiered.vllm.connectors.tiered_connector import default_pins_off
+    from continuum_tiered.vllm.tiers import Tiers
 
     options = ServeOptions(model=str(tiny_model_dir), policy=policy, tiers=Tiers(cpu_bytes=2**30))
     config, _ = engine_config(options)

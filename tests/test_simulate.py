@@ -8,17 +8,17 @@ import json
 import pytest
 
 from continuum_tiered.cli import main
-from continuum_tiered.lmcache_shadow import LRUTier, TierStore
-from continuum_tiered.profile import (
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.profile import (
     PROFILE_VERSION,
     EngineSteps,
     ModelShape,
     Tier,
     TierProfile,
 )
-from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.core.tier_model import LRUTier, TierStore
 from continuum_tiered.sim.peers import PEERS
-from continuum_tiered.sim.replay import ReplaySetup, replay
+from continuum_tiered.sim.simulate import ReplaySetup, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram, Turn, write_trace
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from continuum_tiered.profile import Tier
+from continuum_tiered.core.profile import Tier
 from continuum_tiered.sim.tier_links import DiskWriteQueue, LinkFigures, duplex_s
 
 LINKS = LinkFigures.from_tiers(

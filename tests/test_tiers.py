@@ -7,8 +7,8 @@ import json
 import pytest
 
 from continuum_tiered.cli import main
-from continuum_tiered.serve import RESERVED_CPU_ENV, ServeOptions
-from continuum_tiered.tiers import DISK_SUBDIR, GIB, Tiers, TierSpecError, lmcache_tier_bytes
+from continuum_tiered.vllm.serve import RESERVED_CPU_ENV, ServeOptions
+from continuum_tiered.vllm.tiers import DISK_SUBDIR, GIB, Tiers, TierSpecError, lmcache_tier_bytes
 
 
 def test_a_full_spec_gives_lmcache_cpu_and_disk_settings(tmp_path):

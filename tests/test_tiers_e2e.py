@@ -38,15 +38,15 @@ from typing import Any
 import httpx
 import pytest
 
-from continuum_tiered.connectors.lmcache_residency import guard_disk_writes
-from continuum_tiered.profile import Tier, load_named_profile
-from continuum_tiered.server import (
+from continuum_tiered.core.profile import Tier, load_named_profile
+from continuum_tiered.lab.server_process import (
     ServerProcess,
     plugin_server_command,
     prometheus_samples,
     vanilla_server_command,
 )
-from continuum_tiered.tiers import DISK_SUBDIR
+from continuum_tiered.vllm.lmcache.residency import guard_disk_writes
+from continuum_tiered.vllm.tiers import DISK_SUBDIR
 
 NUM_BLOCKS = 64
 TTL_S = 2.0

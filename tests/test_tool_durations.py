@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from continuum_tiered.tool_durations import EmpiricalCDF, ToolDurationModel
+from continuum_tiered.core.tool_durations import EmpiricalCDF, ToolDurationModel
 
 
 def test_empirical_cdf() -> None:

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from continuum_tiered.tool_durations import EmpiricalCDF
-from continuum_tiered.ttl import (
+from continuum_tiered.core.tool_durations import EmpiricalCDF
+from continuum_tiered.core.ttl import (
     EtaEstimator,
     SlidingMean,
     best_ttl,

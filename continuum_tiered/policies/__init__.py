@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 
+from continuum_tiered.core.profile import TierProfile
 from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
 from continuum_tiered.policies.continuum import ContinuumPolicy
 from continuum_tiered.policies.infercept import InferCeptPolicy
 from continuum_tiered.policies.static_ttl import NoRetentionPolicy, StaticTTLPolicy
 from continuum_tiered.policies.tiered import TieredPolicy
-from continuum_tiered.profile import TierProfile
 
 DEFAULT_POLICY = "tiered"
 # Below LMCache's tiers the pins paid -1.8% to +0.3% of the gain over vLLM in every setting

@@ -5,8 +5,8 @@ from __future__ import annotations
 import abc
 from typing import ClassVar, NamedTuple
 
-from continuum_tiered.pins import Pin, latest_program_first
-from continuum_tiered.ttl import TTLDecision
+from continuum_tiered.core.pins import Pin, latest_program_first
+from continuum_tiered.core.ttl import TTLDecision
 
 LAST_TURN = TTLDecision(ttl_s=0.0, benefit_s=0.0, source="last-turn")
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
-from continuum_tiered.profile import TierProfile
-from continuum_tiered.tool_durations import ToolDurationModel
-from continuum_tiered.ttl import (
+from continuum_tiered.core.profile import TierProfile
+from continuum_tiered.core.tool_durations import ToolDurationModel
+from continuum_tiered.core.ttl import (
     EtaEstimator,
     SlidingMean,
     TTLDecision,
     cold_start_ttl,
     fast_best_ttl,
 )
+from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
 
 
 class ContinuumPolicy(RetentionPolicy):

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 
+from continuum_tiered.core.profile import TierProfile
+from continuum_tiered.core.ttl import SlidingMean, TTLDecision
 from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
-from continuum_tiered.profile import TierProfile
-from continuum_tiered.ttl import SlidingMean, TTLDecision
 
 
 class InferCeptPolicy(RetentionPolicy):

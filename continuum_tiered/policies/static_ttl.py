@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from continuum_tiered.core.ttl import TTLDecision
 from continuum_tiered.policies.base import RetentionPolicy, TurnEnd
-from continuum_tiered.ttl import TTLDecision
 
 
 class StaticTTLPolicy(RetentionPolicy):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from continuum_tiered.pins import Pin
+from continuum_tiered.core.pins import Pin
 from continuum_tiered.policies.continuum import ContinuumPolicy
 
 

@@ -20,14 +20,14 @@ import torch
 import transformers
 from transformers import PretrainedConfig
 
-from continuum_tiered.profile import (
+from continuum_tiered.core.profile import (
     PROFILE_VERSION,
     EngineSteps,
     ModelShape,
     ProfileError,
     TierProfile,
 )
-from continuum_tiered.profiling import compute, disk, engine, transfers
+from continuum_tiered.profiling import compute, disk, engine_steps, transfers
 from continuum_tiered.profiling.measure import (
     BLOCK_TOKENS,
     FULL,
@@ -316,17 +316,17 @@ def _measure_compute(job: ProfileJob) -> tuple[compute.PrefillResult, compute.De
 
 def _measure_engine(
     job: ProfileJob, prefill: compute.PrefillResult, decode: compute.DecodeResult
-) -> engine.EngineResult:
+) -> engine_steps.EngineResult:
     """The engine at the points the model was measured at, once the model is freed."""
     if job.device == "cuda":
         torch.cuda.empty_cache()
     text = job.hf_config.get_text_config()
-    setup = engine.EngineSetup(
+    setup = engine_steps.EngineSetup(
         job.model_dir, job.device, job.dtype, text.vocab_size, text.max_position_embeddings
     )
     grid = [(b, c) for b, c, _ in decode.points]
     plan = job.plan
-    return engine.measure_engine(
+    return engine_steps.measure_engine(
         setup, list(prefill.lengths), grid, plan.prefill_repeats, plan.decode_repeats
     )
 
@@ -392,10 +392,10 @@ def _tier_source(name: str, s: Series, m: Measurements) -> str:
     )
 
 
-def _engine_source(result: engine.EngineResult) -> str:
+def _engine_source(result: engine_steps.EngineResult) -> str:
     return (
         " Engine: vLLM's LLMEngine (engine-core and worker processes, no HTTP) with the "
         "random-weight model, prefill = submit to first token of one prompt (median), "
-        f"{result.prefill.method}; decode = median of {engine.DECODE_WINDOW}-step windows "
+        f"{result.prefill.method}; decode = median of {engine_steps.DECODE_WINDOW}-step windows "
         "at the decode points, nonnegative least squares."
     )

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from continuum_tiered.profile import ProfileError, Tier, TierProfile, load_named_profile
+from continuum_tiered.core.profile import ProfileError, Tier, TierProfile, load_named_profile
 
 PREFILL_POINTS = (1024, 4096, 16384)  # prompt tokens
 DECODE_POINTS = ((1, 1024), (8, 4096), (32, 16384))  # (batch, context tokens)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, StaticCache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from continuum_tiered.profile import ModelShape, fit_quadratic
+from continuum_tiered.core.profile import ModelShape, fit_quadratic
 from continuum_tiered.profiling.measure import ProfilingError, median_seconds
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from continuum_tiered.profile import Tier
+from continuum_tiered.core.profile import Tier
 
 MAX_CONTEXT_TOKENS = 131_072  # the largest context a transfer is measured for
 BLOCK_TOKENS = {"cuda": 16, "cpu": 32}  # vLLM's block size: default on GPU, minimum on CPU

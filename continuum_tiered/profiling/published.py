@@ -50,14 +50,14 @@ from pathlib import Path
 
 import numpy as np
 
-from continuum_tiered.profile import (
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.profile import (
     PROFILE_VERSION,
     ModelShape,
     Tier,
     TierProfile,
     fit_quadratic,
 )
-from continuum_tiered.sim.deployment import Deployment
 
 AIC_VERSION = "0.12.0"
 VLLM_VERSION = "0.24.0"
@@ -352,7 +352,7 @@ def regenerate_command() -> str:
         f"pip download --no-deps aiconfigurator-core=={AIC_VERSION} -d /tmp/aic && "
         "python experiments/derive_h100_profiles.py "
         f"--wheel /tmp/aic/aiconfigurator_core-{AIC_VERSION}-cp311-abi3-manylinux_2_28_x86_64.whl "
-        "--out-dir continuum_tiered/profiles (the tiers alone, keeping the kernel fits, "
+        "--out-dir continuum_tiered/data/profiles (the tiers alone, keeping the kernel fits, "
         "without the wheel: --tiers-only instead of --wheel)"
     )
 

@@ -11,9 +11,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from continuum_tiered.profile import TierProfile
+from continuum_tiered.core.profile import TierProfile
 from continuum_tiered.profiling.compute import DecodeResult, PrefillResult
-from continuum_tiered.profiling.engine import EngineResult
+from continuum_tiered.profiling.engine_steps import EngineResult
 from continuum_tiered.profiling.measure import Series, Timed
 
 

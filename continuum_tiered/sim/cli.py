@@ -8,9 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from continuum_tiered.metrics import RunSummary, markdown_table
-from continuum_tiered.plots import plot_jct_cdf, pyplot
-from continuum_tiered.sim.deployment import MODEL_SHAPES, Deployment
+from continuum_tiered.core.deployment import MODEL_SHAPES, Deployment
+from continuum_tiered.core.metrics import RunSummary, markdown_table
+from continuum_tiered.core.plots import plot_jct_cdf, pyplot
 from continuum_tiered.sim.peers import PEERS, get_peer
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 
@@ -51,7 +51,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_simulate(args: argparse.Namespace, _passthrough: list[str]) -> int:
-    from continuum_tiered.sim.replay import ReplaySetup, replay  # imports vLLM: only when run
+    from continuum_tiered.sim.simulate import ReplaySetup, replay  # imports vLLM: only when run
 
     args.profile = args.profile or f"h100-{args.model}"
 

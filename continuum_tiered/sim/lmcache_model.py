@@ -1,7 +1,7 @@
 """LMCache's CPU and disk tiers, modelled for the virtual-time replay.
 
 What is modelled (DESIGN.md section 4): write-through of every request's KV (prompt and
-decode tokens, as with ``save_decode_cache``) into the LRU tiers of ``lmcache_shadow``
+decode tokens, as with ``save_decode_cache``) into the LRU tiers of ``core.tier_model``
 (CPU, then disk); on a new request, the longest run of blocks beyond vLLM's own prefix
 hit that a tier holds is loaded, disk hits being promoted to CPU. Entries are vLLM's
 block hashes, so a hit is exactly the prefix a real LMCache lookup would find (at block
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-from continuum_tiered.connectors.scheduler_only import SchedulerOnlyConnector
-from continuum_tiered.lmcache_shadow import LoadCost, TierStore
-from continuum_tiered.profile import Tier
+from continuum_tiered.core.profile import Tier
+from continuum_tiered.core.tier_model import LoadCost, TierStore
 from continuum_tiered.sim.tier_links import DiskWriteQueue, LinkFigures, StoreStats, duplex_s
+from continuum_tiered.vllm.connectors.scheduler_only import SchedulerOnlyConnector
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -30,7 +30,7 @@ no cost-aware loads. ``COMPONENTS`` adds one mechanism at a time from ``vllm`` t
 ``tiered`` is what ``serve --tiers ... --layerwise-loads`` runs on a GPU by default:
 LMCache's CPU and disk tiers with layer-wise loads (``use_layerwise``), which overlap a
 reload with the forward pass, a tier hit loaded only where that beats its prefill over two
-turns (``ContinuumTieredConnector``, ``lmcache_shadow.LoadCost``), and program FCFS; no
+turns (``ContinuumTieredConnector``, ``core.tier_model.LoadCost``), and program FCFS; no
 pins, the ``none`` policy. ``tiered+pins`` adds ``policies/tiered.py``'s pins
 (``--policy tiered``): with a CPU tier below, they were worth -1.8% to +0.3% of the gain
 over ``vllm`` in every setting and hardware variant measured (docs/results/components/),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from continuum_tiered.metrics import ProgramOutcome
+from continuum_tiered.core.metrics import ProgramOutcome
 from continuum_tiered.traces.model import TraceProgram
 
 

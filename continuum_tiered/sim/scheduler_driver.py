@@ -42,7 +42,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from continuum_tiered.plugin import register
+from continuum_tiered.vllm.plugin import register
 
 
 @dataclass(frozen=True)

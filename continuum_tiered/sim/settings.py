@@ -16,8 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from continuum_tiered.profile import Tier, load_named_profile
-from continuum_tiered.sim.deployment import Deployment
+from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.profile import Tier, load_named_profile
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from continuum_tiered.profile import TierProfile, prefill_increment
-from continuum_tiered.roofline import parameter_count
+from continuum_tiered.core.profile import TierProfile, prefill_increment
+from continuum_tiered.core.roofline import parameter_count
 
 H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
 PER_SEQUENCE_DECODE_S = 1e-5  # sampling and bookkeeping per sequence

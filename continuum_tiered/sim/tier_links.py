@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from continuum_tiered.profile import Tier
+from continuum_tiered.core.profile import Tier
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Conversion choices (the trace rules themselves are :mod:`continuum_tiered.traces
   includes hidden reasoning). Without them both are estimated at 4 characters per token:
   the prompt from the text of every message before the call, the output from the
   reply's visible text.
-- Tool: :func:`continuum_tiered.hints.tool_from_reply` on the reply, except that the last
+- Tool: :func:`continuum_tiered.core.hints.tool_from_reply` on the reply, except that the last
   call of a trajectory whose ``info.exit_status`` is ``"Submitted"`` is the submission and
   has no tool, as in the compact SWE-bench file.
 - Tool durations: drawn per tool from :class:`ToolDurations` (a different agent run).
@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from continuum_tiered.hints import tool_from_reply
+from continuum_tiered.core.hints import tool_from_reply
 from continuum_tiered.traces.build import (
     BuildOptions,
     Call,

@@ -65,7 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{marker}: vLLM test marker")
     if _variant == "baseline":
         return
-    from continuum_tiered.plugin import register
+    from continuum_tiered.vllm.plugin import register
 
     register()  # what vLLM's general-plugins entry point does in a real process
     _patch_scheduler()
@@ -198,7 +198,7 @@ def _patch_scheduler() -> None:
             and request.request_id not in self.requests
             and request.kv_transfer_params is None
         ):
-            from continuum_tiered.hints import ProgramHints
+            from continuum_tiered.core.hints import ProgramHints
 
             n = self._continuum_requests
             self._continuum_requests += 1
@@ -282,7 +282,7 @@ def _seed_pins(scheduler: Any) -> None:
     (when the pool caches) and only the pin's reference, as a finished turn's pin would."""
     from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
 
-    from continuum_tiered.pins import Pin
+    from continuum_tiered.core.pins import Pin
 
     connector = scheduler.connector
     pool = scheduler.kv_cache_manager.block_pool

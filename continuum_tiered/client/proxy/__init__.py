@@ -1,0 +1,7 @@
+"""An OpenAI API proxy that gives unmodified agents program-level FCFS and KV pins.
+
+``continuum-tiered proxy --upstream URL`` sits between agents and a ``continuum-tiered
+serve`` (or plain vLLM with the connector and ``--scheduling-policy priority``), finds each
+request's program (:mod:`~continuum_tiered.client.proxy.programs`) and adds the ``priority`` and
+hints the agent would otherwise have to send itself (:mod:`~continuum_tiered.client.proxy.app`).
+"""

@@ -1,0 +1,251 @@
+"""Virtual-time replay of agent programs on vLLM's real scheduler.
+
+The loop is the engine core's: add due requests, ``schedule()``, let the modelled GPU
+take the step time of the scheduled batch, ``update_from_output()``. Only the forward
+pass and the clock are modelled; admission, prefix caching, preemption and the KV
+connectors are vLLM's and ours. Tool calls are pauses in virtual time: a program's next
+turn arrives ``tool_duration_s`` after its previous turn finished.
+
+A served turn also takes time outside the engine: the HTTP request, the API server's
+request and response handling, the streamed reply and the client's own work, all on
+cores the engine shares on a CPU build. The replay charges it as ``request_overhead_s``
+per turn (measured against a server, see ``experiments/fidelity.py``): a turn is over for
+its program that long after the engine's last step for it. Where the round trip splits
+(before the scheduler sees a request, after its last token) moves only a program's first
+entry: each later turn still enters the scheduler one round trip and one tool call after
+the previous one finished.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import Request
+
+from continuum_tiered.core.hints import ProgramHints
+from continuum_tiered.sim.lmcache_model import SimLMCacheConnector
+from continuum_tiered.sim.program_run import EngineHooks, ProgramRun
+from continuum_tiered.sim.scheduler_driver import ScheduledStep, SchedulerDriver
+from continuum_tiered.sim.step_time import StepTimeModel
+from continuum_tiered.traces.model import TraceProgram
+from continuum_tiered.vllm.connectors.continuum_connector import ContinuumConnector
+
+MAX_IDLE_STEPS = 3  # empty steps in a row before the clock jumps to the next arrival
+STOP_TOKEN = 2  # prompts and other outputs use token ids from 3 up
+
+
+class VirtualEngine:
+    def __init__(
+        self,
+        driver: SchedulerDriver,
+        step_time: StepTimeModel,
+        programs: list[TraceProgram],
+        hooks: EngineHooks,
+        vocab_size: int,
+        seed: int = 0,
+        request_overhead_s: float = 0.0,
+    ):
+        self.driver = driver
+        self.scheduler = driver.scheduler
+        self.step_time = step_time
+        self.hooks = hooks
+        self.vocab_size = vocab_size
+        self.now = 0.0
+        self.seed = seed
+        self.request_overhead_s = request_overhead_s
+        self.busy_s = 0.0  # virtual time spent in steps
+        self.kv_block_seconds = 0.0  # blocks held (by requests or pins) integrated over steps
+        ordered = sorted(programs, key=lambda p: p.arrival_s)
+        self.runs = [ProgramRun(p, seq) for seq, p in enumerate(ordered)]
+        self._events: list[tuple[float, int, int]] = [
+            (p.arrival_s, seq, seq) for seq, p in enumerate(ordered)
+        ]
+        heapq.heapify(self._events)
+        self._tiebreak = len(programs)
+        self._by_request: dict[str, ProgramRun] = {}
+        self._requests: dict[str, Request] = {}
+        self._waiting_since: dict[str, float] = {}
+        self._seconds_in_flight: deque[float] = deque()  # of the driver's steps in flight
+        connectors = self._connectors()
+        pins = next((c for c in connectors if isinstance(c, ContinuumConnector)), None)
+        self.pin_connector = pins
+        self.lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
+        if self.lmcache is not None:
+            self.lmcache.clock = lambda: self.now
+        if pins is not None:
+            pins.clock = lambda: self.now
+            if self.lmcache is not None:
+                pins.residency = self.lmcache.tier_after_release
+                pins.offload = self.lmcache.offload
+
+    def _connectors(self) -> list:
+        connector = self.scheduler.connector
+        if connector is None:
+            return []
+        return list(getattr(connector, "_connectors", [connector]))
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, on_program_done: Callable[[], None] = lambda: None) -> list[ProgramRun]:
+        scheduler, driver = self.scheduler, self.driver
+        idle_steps = 0
+        while self._events or scheduler.has_requests() or driver.steps_in_flight:
+            self._submit_due()
+            if not scheduler.has_requests():
+                if driver.steps_in_flight:  # the engine core only waits for it
+                    done = driver.oldest_in_flight()
+                    self._complete(done, self._seconds_in_flight.popleft(), on_program_done)
+                else:
+                    self.now = max(self.now, self._events[0][0])
+                continue
+            step = self._schedule()
+            if (done := driver.advance(step)) is not None:
+                self._complete(done, self._seconds_in_flight.popleft(), on_program_done)
+            if step.output.total_num_scheduled_tokens:
+                idle_steps = 0
+                continue
+            idle_steps += 1
+            if not scheduler.get_num_unfinished_requests() or idle_steps <= MAX_IDLE_STEPS:
+                # A step can schedule nothing while a preemption or a pin release
+                # settles; the next one runs. Time only moves when nothing does.
+                continue
+            next_s = self._next_event_s()
+            if next_s is None:
+                waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
+                raise RuntimeError(
+                    f"replay stalled at {self.now:.1f} s: nothing can run; waiting "
+                    f"{waiting[:5]}, running {len(scheduler.running)}, free blocks "
+                    f"{driver.block_pool.get_num_free_blocks()}"
+                )
+            self.now = max(self.now, next_s)
+            idle_steps = 0  # what happens then (a load reported) needs its own steps
+        return self.runs
+
+    def _schedule(self) -> ScheduledStep:
+        """Schedule a step and price it; it runs once the steps in flight are done."""
+        step = self.driver.schedule()
+        out = step.output
+        start = self.now + sum(self._seconds_in_flight)
+        for new in out.scheduled_new_reqs:
+            run = self._by_request[new.req_id]
+            if (since := self._waiting_since.pop(new.req_id, None)) is not None:
+                run.queue_s += start - since
+                run.hit_tokens += new.num_computed_tokens
+        seconds = self._step_seconds(out, start) if out.total_num_scheduled_tokens else 0.0
+        self._seconds_in_flight.append(seconds)
+        return step
+
+    def _complete(self, step: ScheduledStep, seconds: float, on_program_done) -> None:
+        """The step ran for ``seconds``: advance the clock and feed its output back."""
+        pool = self.driver.block_pool
+        held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # less the null block
+        self.busy_s += seconds
+        self.kv_block_seconds += held * seconds
+        self.now += seconds
+        for rid in self._feed_back(step):
+            self._turn_finished(rid, on_program_done)
+
+    def _next_event_s(self) -> float | None:
+        """When something next happens without a step: an arrival or an async load done."""
+        times = [self._events[0][0]] if self._events else []
+        if self.lmcache is not None and (load := self.lmcache.next_load_done()) is not None:
+            times.append(load)
+        return min(times, default=None)
+
+    def _submit_due(self) -> None:
+        while self._events and self._events[0][0] <= self.now:
+            _, _, seq = heapq.heappop(self._events)
+            self._submit(self.runs[seq])
+
+    def _submit(self, run: ProgramRun) -> None:
+        turn = run.program.turns[run.turn]
+        rng = random.Random(f"{self.seed}:{run.seq}:{run.turn}")
+        fresh = turn.prompt_tokens - len(run.context)
+        run.context += [rng.randrange(3, self.vocab_size) for _ in range(fresh)]
+        rid = f"{run.program.program_id}#{run.turn}"
+        last = run.turn == len(run.program.turns) - 1
+        params = (
+            ProgramHints(run.program.program_id, run.turn, last, turn.tool).to_params()
+            if self.hooks.send_hints
+            else None
+        )
+        if run.turn == 0:
+            run.start_s = self.now
+        run.holds_pin = (
+            self.pin_connector is not None
+            and self.pin_connector.pins.get(run.program.program_id) is not None
+        )
+        self._by_request[rid] = run
+        self._waiting_since[rid] = self.now
+        run.prompt_tokens += len(run.context)
+        self._requests[rid] = self.driver.add_request(
+            rid,
+            run.context,
+            max_tokens=turn.output_tokens + 1,  # it ends on STOP_TOKEN, unforeseen
+            arrival_time=self.now,
+            priority=self.hooks.priority(run),
+            kv_transfer_params=params,
+            prefix_block_hashes=run.block_hashes,
+            stop_token_id=STOP_TOKEN,
+        )
+
+    def _step_seconds(self, out: SchedulerOutput, start: float) -> float:
+        requests = self.scheduler.requests
+        prefill: list[tuple[int, int]] = []
+        decode: list[int] = []
+        for rid, n in out.num_scheduled_tokens.items():
+            request = requests[rid]
+            offset = request.num_computed_tokens - n  # schedule() already advanced it
+            if offset >= request.num_prompt_tokens:
+                decode.append(offset)
+            else:
+                prefill.append((offset, n))
+        seconds = self.step_time.step_s(prefill, decode)
+        if self.lmcache is not None:
+            seconds = self.lmcache.step_seconds(seconds, start)
+        for rid in out.num_scheduled_tokens:
+            self._by_request[rid].attained_s += seconds
+        return seconds
+
+    def _next_token(self, request: Request) -> int:
+        """The turn's last output token is STOP_TOKEN: a turn ends where a model's would,
+        on a token the scheduler does not see coming (with async scheduling it has
+        already scheduled the next decode)."""
+        run = self._by_request[request.request_id]
+        if len(request.output_token_ids) + 1 >= run.program.turns[run.turn].output_tokens:
+            return STOP_TOKEN
+        return 3 + (request.num_tokens * 7919) % (self.vocab_size - 3)
+
+    def _feed_back(self, step: ScheduledStep) -> list[str]:
+        runner_out = self.driver.runner_output(step, self._next_token)
+        if self.lmcache is not None and self.lmcache.async_transfers:
+            received = self.lmcache.finished_loads(self.now)
+            runner_out.kv_connector_output = KVConnectorOutput(finished_recving=received)
+        engine_outputs = self.scheduler.update_from_output(step.output, runner_out)
+        return [
+            o.request_id
+            for outs in engine_outputs.values()
+            for o in outs.outputs
+            if o.finish_reason is not None
+        ]
+
+    def _turn_finished(self, rid: str, on_program_done: Callable[[], None]) -> None:
+        run = self._by_request.pop(rid)
+        request = self._requests.pop(rid)
+        run.context += request.output_token_ids
+        run.block_hashes = list(request.block_hashes)
+        turn = run.program.turns[run.turn]
+        run.turn += 1
+        seen_s = self.now + self.request_overhead_s  # the reply has reached its program
+        if run.turn == len(run.program.turns):
+            run.end_s = seen_s
+            run.context, run.block_hashes = [], []
+            on_program_done()
+            return
+        self._tiebreak += 1
+        heapq.heappush(self._events, (seen_s + turn.tool_duration_s, self._tiebreak, run.seq))
