@@ -96,7 +96,7 @@ from continuum_tiered.core.plots import pyplot
 from continuum_tiered.core.profile import TierProfile
 from continuum_tiered.lab.experiment import DEMO_SHAPE
 from continuum_tiered.lab.in_process_replay import (
-    EngineSetup,
+    InProcessSetup,
     RealTimeReplay,
     served_engine,
     timed_request,
@@ -210,7 +210,7 @@ def profile_engine(model: Path, out: Path) -> Path:
     return out
 
 
-def probe_ratio(engine: LLMEngine, setup: EngineSetup, steps: StepTimeModel) -> float:
+def probe_ratio(engine: LLMEngine, setup: InProcessSetup, steps: StepTimeModel) -> float:
     """How much longer the probe request takes on the idle engine now than the profile's
     steps say (median of three): above 1, the machine is slower than when profiled."""
     prompt, output = PROBE
@@ -224,7 +224,7 @@ def probe_ratio(engine: LLMEngine, setup: EngineSetup, steps: StepTimeModel) -> 
 
 
 def real_time(
-    setup: EngineSetup, programs: list[TraceProgram], seed: int, label: str, steps: StepTimeModel
+    setup: InProcessSetup, programs: list[TraceProgram], seed: int, label: str, steps: StepTimeModel
 ) -> tuple[list[ProgramRecord], tuple[float, float], float]:
     """The programs on a fresh in-process engine; their records, the load average before
     and after the run, and the mean of the speed probes before and after it."""
@@ -255,7 +255,7 @@ def scaled_profile(profile: Path, factor: float, out: Path) -> Path:
 
 
 def virtual_time(
-    setup: EngineSetup, programs: list[TraceProgram], profile: Path, seed: int, jps: float
+    setup: InProcessSetup, programs: list[TraceProgram], profile: Path, seed: int, jps: float
 ) -> tuple[RunSummary, list[float]]:
     """The same programs in virtual time with the profile's engine steps alone."""
     deployment = Deployment(
@@ -281,7 +281,7 @@ def virtual_time(
 def one_load(
     name: str,
     jps: float,
-    setup: EngineSetup,
+    setup: InProcessSetup,
     trace: list[TraceProgram],
     profile: Path,
     seed: int,
@@ -300,7 +300,11 @@ def one_load(
 
 
 def served_round_trip(
-    setup: EngineSetup, profile: Path, programs: list[TraceProgram], engine: LoadResult, out: Path
+    setup: InProcessSetup,
+    profile: Path,
+    programs: list[TraceProgram],
+    engine: LoadResult,
+    out: Path,
 ) -> RoundTrip:
     """The programs through ``continuum-tiered serve``, against the engine-alone replay of
     the same programs at the same load."""
@@ -432,7 +436,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_llama(args.out / "model", DEMO_SHAPE)
     profile = args.profile or profile_engine(model, args.out / "cpu-profile.json")
-    setup = EngineSetup(model, args.kv_blocks, MAX_BATCHED_TOKENS, MAX_SEQS, PEER, str(profile))
+    setup = InProcessSetup(model, args.kv_blocks, MAX_BATCHED_TOKENS, MAX_SEQS, PEER, str(profile))
     trace = trace_slice(args.programs, args.turns, args.token_scale, args.seed)
     results = [
         one_load(name, jps, setup, trace, profile, args.seed, args.out)

@@ -9,7 +9,7 @@ import pytest
 from vllm.v1.engine.llm_engine import LLMEngine
 
 from continuum_tiered.lab.in_process_replay import (
-    EngineSetup,
+    InProcessSetup,
     RealTimeReplay,
     fresh_tokens,
     reset_prefix_cache,
@@ -29,8 +29,8 @@ PROGRAMS = [
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir: Path) -> EngineSetup:
-    return EngineSetup(
+def setup(tiny_model_dir: Path) -> InProcessSetup:
+    return InProcessSetup(
         tiny_model_dir,
         KV_BLOCKS,
         max_num_batched_tokens=512,
@@ -40,12 +40,12 @@ def setup(tiny_model_dir: Path) -> EngineSetup:
 
 
 @pytest.fixture(scope="module")
-def engine(setup: EngineSetup) -> Iterator[LLMEngine]:
+def engine(setup: InProcessSetup) -> Iterator[LLMEngine]:
     with served_engine(setup) as engine:
         yield engine
 
 
-def test_turns_complete_and_tool_pauses_are_respected(engine: LLMEngine, setup: EngineSetup):
+def test_turns_complete_and_tool_pauses_are_respected(engine: LLMEngine, setup: InProcessSetup):
     done: list[str] = []
     records = RealTimeReplay(engine, PROGRAMS, setup.vocab_size, seed=0).run(
         lambda record: done.append(record.program_id)

@@ -32,8 +32,8 @@ from continuum_tiered.lab.experiment import (
     GPU_TIERS,
     VLLM,
     VLLM_LMCACHE,
-    Engine,
     Results,
+    ServedModel,
     SystemRun,
     bound_kv_blocks,
     other_vllm_servers,
@@ -45,7 +45,7 @@ from continuum_tiered.lab.server_process import BLOCK_SIZE
 from continuum_tiered.replay.runner import ProgramRecord, TurnRecord, summarize_records
 from continuum_tiered.vllm.tiers import Tiers
 
-ENGINE = Engine.random_cpu(Path("/models/tiny"), 64)
+ENGINE = ServedModel.random_cpu(Path("/models/tiny"), 64)
 SCRATCH = Path("/scratch/run-1")
 
 

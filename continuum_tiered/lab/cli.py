@@ -25,8 +25,8 @@ from continuum_tiered.lab.experiment import (
     CPU_TOKEN_SCALE,
     DEMO_SHAPE,
     GPU_TIERS,
-    Engine,
     Results,
+    ServedModel,
     System,
     TierSizes,
     add_run_options,
@@ -105,12 +105,12 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     args.tiers = TierSizes(args.cpu_tier or default_tiers.cpu, args.disk_tier or default_tiers.disk)
 
 
-def engine_for(args: argparse.Namespace) -> Engine:
+def engine_for(args: argparse.Namespace) -> ServedModel:
     if args.model:
         flags = [flag for arg in args.vllm_arg for flag in shlex.split(arg)]
-        return Engine(args.model, args.model, tuple(flags), args.tiers)
+        return ServedModel(args.model, args.model, tuple(flags), args.tiers)
     model_dir = write_tiny_llama(args.out / "model", DEMO_SHAPE)
-    return Engine.random_cpu(model_dir, args.kv_blocks, args.tiers)
+    return ServedModel.random_cpu(model_dir, args.kv_blocks, args.tiers)
 
 
 def _version(distribution: str) -> str | None:
@@ -131,7 +131,7 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def setup_lines(args: argparse.Namespace, trace: str, engine: Engine) -> dict[str, str]:
+def setup_lines(args: argparse.Namespace, trace: str, engine: ServedModel) -> dict[str, str]:
     shape = DEMO_SHAPE
     model = args.model or (
         f"random Llama on the CPU build (hidden {shape.hidden_size}, MLP "

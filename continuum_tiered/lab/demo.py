@@ -32,7 +32,7 @@ from continuum_tiered.lab.experiment import (
     CPU_TOKEN_SCALE,
     DEMO_SHAPE,
     VLLM,
-    Engine,
+    ServedModel,
     System,
     SystemRun,
     add_run_options,
@@ -213,7 +213,9 @@ def run_demo(args: argparse.Namespace, _passthrough: list[str]) -> int:
         flush=True,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    engine = Engine.random_cpu(write_tiny_llama(args.out / "model", DEMO_SHAPE), args.kv_blocks)
+    engine = ServedModel.random_cpu(
+        write_tiny_llama(args.out / "model", DEMO_SHAPE), args.kv_blocks
+    )
     results = run_experiment(
         demo_systems(args.tiers, bound_blocks),
         programs,

@@ -102,7 +102,7 @@ GPU_TIERS = TierSizes(cpu="32GiB", disk="128GiB")
 
 
 @dataclass(frozen=True)
-class Engine:
+class ServedModel:
     """What every system of one experiment is served with: model, memory, engine flags,
     LMCache tiers, and the plugin's own options (its profile)."""
 
@@ -114,7 +114,9 @@ class Engine:
     env: Mapping[str, str] = field(default_factory=dict)  # for every system's server
 
     @classmethod
-    def random_cpu(cls, model_dir: Path, kv_blocks: int, tiers: TierSizes = CPU_TIERS) -> Engine:
+    def random_cpu(
+        cls, model_dir: Path, kv_blocks: int, tiers: TierSizes = CPU_TIERS
+    ) -> ServedModel:
         """A random-weight model on the CPU build, with a KV pool of ``kv_blocks`` blocks."""
         return cls(
             str(model_dir),
@@ -125,7 +127,7 @@ class Engine:
             CPU_ENGINE_ENV,
         )
 
-    def with_kv_blocks(self, kv_blocks: int) -> Engine:
+    def with_kv_blocks(self, kv_blocks: int) -> ServedModel:
         """This random-weight CPU engine (:meth:`random_cpu`) with a pool of ``kv_blocks``."""
         return dataclasses.replace(
             self, flags=tuple(tiny_engine_flags(Path(self.model), kv_blocks))
@@ -183,7 +185,7 @@ def check_cpu_pool(
 
 
 # A server command for one run; the folder is the run's own, for a disk tier.
-CommandBuilder = Callable[[Engine, Path], list[str]]
+CommandBuilder = Callable[[ServedModel, Path], list[str]]
 
 
 def vanilla(*vllm_flags: str) -> CommandBuilder:
@@ -193,7 +195,7 @@ def vanilla(*vllm_flags: str) -> CommandBuilder:
     )
 
 
-def vanilla_lmcache(engine: Engine, scratch: Path) -> list[str]:
+def vanilla_lmcache(engine: ServedModel, scratch: Path) -> list[str]:
     """Plain vLLM with LMCache's own connector and the same tiers and LMCache settings as
     ``continuum-tiered serve --tiers`` (on the CPU build the plugin's entry point gives
     LMCache our CPU KV connector; nothing else of the plugin is used)."""
@@ -210,7 +212,7 @@ def plugin(*serve_options: str, tiers: bool = False) -> CommandBuilder:
     """``continuum-tiered serve`` with ``serve_options`` (its defaults without any), and
     with LMCache's tiers below the pins when ``tiers``."""
 
-    def command(engine: Engine, scratch: Path) -> list[str]:
+    def command(engine: ServedModel, scratch: Path) -> list[str]:
         tier_options = ("--tiers", engine.tiers.spec(scratch)) if tiers else ()
         return continuum_serve_command(
             engine.model, *engine.plugin_options, *serve_options, *tier_options, *engine.flags
@@ -252,7 +254,7 @@ def vllm_bound(kv_blocks: int) -> System:
     :func:`bound_kv_blocks`) instead of the experiment's: no prefix is ever evicted, the
     real engine's bound on what keeping KV across tool calls can buy."""
 
-    def command(engine: Engine, scratch: Path) -> list[str]:
+    def command(engine: ServedModel, scratch: Path) -> list[str]:
         return vanilla()(engine.with_kv_blocks(kv_blocks), scratch)
 
     return System(BOUND, command, send_hints=False)
@@ -362,7 +364,7 @@ def run_system(
     system: System,
     repeat: int,
     programs: Sequence[TraceProgram],
-    engine: Engine,
+    engine: ServedModel,
     out_dir: Path,
     jps: float,
     seed: int,
@@ -399,7 +401,7 @@ def run_system(
 def run_experiment(
     systems: Sequence[System],
     programs: Sequence[TraceProgram],
-    engine: Engine,
+    engine: ServedModel,
     out_dir: Path,
     *,
     jps: float,

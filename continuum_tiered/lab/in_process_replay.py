@@ -54,7 +54,7 @@ WARM_UP_TOKENS = 4 * BLOCK_SIZE
 
 
 @dataclass(frozen=True)
-class EngineSetup:
+class InProcessSetup:
     """The served engine: a random-weight model on the CPU build with a fixed KV pool, and
     the plugin's retention policy and profile (None: the connector's defaults)."""
 
@@ -105,8 +105,8 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def served_engine(setup: EngineSetup) -> Iterator[LLMEngine]:
-    """The engine of :class:`EngineSetup`, warmed up by one request and with an empty
+def served_engine(setup: InProcessSetup) -> Iterator[LLMEngine]:
+    """The engine of :class:`InProcessSetup`, warmed up by one request and with an empty
     prefix cache; shut down on exit."""
     with _environment(cpu_core_reservation([])):
         engine = LLMEngine.from_engine_args(setup.engine_args())

@@ -316,12 +316,12 @@ def _measure_compute(job: ProfileJob) -> tuple[compute.PrefillResult, compute.De
 
 def _measure_engine(
     job: ProfileJob, prefill: compute.PrefillResult, decode: compute.DecodeResult
-) -> engine_steps.EngineResult:
+) -> engine_steps.StepTimings:
     """The engine at the points the model was measured at, once the model is freed."""
     if job.device == "cuda":
         torch.cuda.empty_cache()
     text = job.hf_config.get_text_config()
-    setup = engine_steps.EngineSetup(
+    setup = engine_steps.StepTimingSetup(
         job.model_dir, job.device, job.dtype, text.vocab_size, text.max_position_embeddings
     )
     grid = [(b, c) for b, c, _ in decode.points]
@@ -392,7 +392,7 @@ def _tier_source(name: str, s: Series, m: Measurements) -> str:
     )
 
 
-def _engine_source(result: engine_steps.EngineResult) -> str:
+def _engine_source(result: engine_steps.StepTimings) -> str:
     return (
         " Engine: vLLM's LLMEngine (engine-core and worker processes, no HTTP) with the "
         "random-weight model, prefill = submit to first token of one prompt (median), "

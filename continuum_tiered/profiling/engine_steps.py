@@ -32,13 +32,13 @@ FIRST_TOKEN_ID = 3  # below: special tokens of the tiny model's tokenizer
 
 
 @dataclass(frozen=True)
-class EngineResult:
+class StepTimings:
     prefill: PrefillResult
     decode: DecodeResult
 
 
 @dataclass(frozen=True)
-class EngineSetup:
+class StepTimingSetup:
     model_dir: Path
     device: str
     dtype: str
@@ -47,12 +47,12 @@ class EngineSetup:
 
 
 def measure_engine(
-    setup: EngineSetup,
+    setup: StepTimingSetup,
     lengths: list[int],
     grid: list[tuple[int, int]],
     prefill_repeats: int,
     decode_repeats: int,
-) -> EngineResult:
+) -> StepTimings:
     """Prefill of each length in ``lengths`` and decode steps at each (batch, context)."""
     # The first token, one settling step, the timed windows, and one step to spare.
     decode_tokens = 3 + decode_repeats * DECODE_WINDOW
@@ -80,12 +80,12 @@ def measure_engine(
         ]
     coeffs, method = fit_prefill(lengths, seconds)
     prefill = PrefillResult(tuple(lengths), tuple(seconds), coeffs, method)
-    return EngineResult(prefill, DecodeResult(tuple(points), fit_decode(points)))
+    return StepTimings(prefill, DecodeResult(tuple(points), fit_decode(points)))
 
 
 @contextmanager
 def _engine(
-    setup: EngineSetup, max_len: int, blocks: int, max_prefill: int, max_batch: int
+    setup: StepTimingSetup, max_len: int, blocks: int, max_prefill: int, max_batch: int
 ) -> Iterator[object]:
     """vLLM configured as ``continuum-tiered serve`` runs it, sized for the measurements."""
     from vllm.engine.arg_utils import EngineArgs

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from continuum_tiered.core.profile import TierProfile
 from continuum_tiered.profiling.compute import DecodeResult, PrefillResult
-from continuum_tiered.profiling.engine_steps import EngineResult
+from continuum_tiered.profiling.engine_steps import StepTimings
 from continuum_tiered.profiling.measure import Series, Timed
 
 
@@ -27,7 +27,7 @@ class Measurements:
     prefill: PrefillResult
     decode: DecodeResult
     notes: list[str]
-    engine: EngineResult | None = None  # whole vLLM engine steps, when measured
+    engine: StepTimings | None = None  # whole vLLM engine steps, when measured
 
 
 def fit_errors(profile: TierProfile, m: Measurements) -> dict[str, float]:

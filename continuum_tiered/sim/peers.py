@@ -54,7 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from continuum_tiered.sim.program_run import EngineHooks, ProgramRun
+from continuum_tiered.sim.program_run import ProgramRun, ReplayHooks
 
 
 def _program_fcfs(run: ProgramRun) -> int:
@@ -69,14 +69,14 @@ def _pinned_then_program_fcfs(run: ProgramRun) -> int:
     return run.seq if run.holds_pin else run.seq + (1 << 40)
 
 
-PROGRAM_FCFS = EngineHooks(priority=_program_fcfs, send_hints=True)
+PROGRAM_FCFS = ReplayHooks(priority=_program_fcfs, send_hints=True)
 
 
 @dataclass(frozen=True)
 class Peer:
     name: str
     scheduling_policy: str = "fcfs"
-    hooks: EngineHooks = field(default_factory=EngineHooks)
+    hooks: ReplayHooks = field(default_factory=ReplayHooks)
     pin_policy: str | None = None  # ContinuumConnector's retention policy, if it has pins
     pin_options: dict[str, Any] = field(default_factory=dict)
     lmcache: bool = False
@@ -97,7 +97,7 @@ PEERS: dict[str, Peer] = {
         Peer("vllm+lmcache", lmcache=True),
         Peer(
             "infercept",
-            hooks=EngineHooks(send_hints=True),
+            hooks=ReplayHooks(send_hints=True),
             pin_policy="infercept",
             lmcache=True,
             lmcache_write_through=False,
@@ -105,7 +105,7 @@ PEERS: dict[str, Peer] = {
         Peer(
             "autellix",
             scheduling_policy="priority",
-            hooks=EngineHooks(priority=_least_attained_service),
+            hooks=ReplayHooks(priority=_least_attained_service),
         ),
         Peer(
             "static-ttl",
@@ -144,7 +144,7 @@ PEERS: dict[str, Peer] = {
         Peer(
             "continuum-plugin",
             scheduling_policy="priority",
-            hooks=EngineHooks(priority=_pinned_then_program_fcfs, send_hints=True),
+            hooks=ReplayHooks(priority=_pinned_then_program_fcfs, send_hints=True),
             pin_policy="continuum",
             pin_options={"cold_start_ttl_s": 2.0},
         ),
@@ -167,9 +167,9 @@ COMPONENTS = (
 
 # Queue orders an oracle run tries: (scheduling policy, hooks).
 QUEUE_ORDERS = (
-    ("fcfs", EngineHooks()),
-    ("priority", EngineHooks(priority=_program_fcfs)),
-    ("priority", EngineHooks(priority=_least_attained_service)),
+    ("fcfs", ReplayHooks()),
+    ("priority", ReplayHooks(priority=_program_fcfs)),
+    ("priority", ReplayHooks(priority=_least_attained_service)),
 )
 
 

@@ -43,7 +43,7 @@ class ProgramRun:
 
 
 @dataclass(frozen=True)
-class EngineHooks:
+class ReplayHooks:
     """What a policy changes in the replay besides the connector configuration."""
 
     priority: Callable[[ProgramRun], int] = lambda run: 0

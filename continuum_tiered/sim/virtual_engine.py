@@ -29,7 +29,7 @@ from vllm.v1.request import Request
 
 from continuum_tiered.core.hints import ProgramHints
 from continuum_tiered.sim.lmcache_model import SimLMCacheConnector
-from continuum_tiered.sim.program_run import EngineHooks, ProgramRun
+from continuum_tiered.sim.program_run import ProgramRun, ReplayHooks
 from continuum_tiered.sim.scheduler_driver import ScheduledStep, SchedulerDriver
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
@@ -45,7 +45,7 @@ class VirtualEngine:
         driver: SchedulerDriver,
         step_time: StepTimeModel,
         programs: list[TraceProgram],
-        hooks: EngineHooks,
+        hooks: ReplayHooks,
         vocab_size: int,
         seed: int = 0,
         request_overhead_s: float = 0.0,
