@@ -5,27 +5,14 @@ anything but its own errors (the benchmark itself runs against a live server).""
 from __future__ import annotations
 
 import collections
-import importlib.util
-import sys
-from pathlib import Path
 
 from continuum_tiered.core.hints import HintError
 from continuum_tiered.core.request_body import BodyError, bad_request_body, request_error
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "fuzz_hints.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("fuzz_hints", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fuzz_hints", module)
-    spec.loader.exec_module(module)
-    return module
+from continuum_tiered.lab import hint_fuzz
 
 
 def test_the_generator_yields_over_1000_distinct_bodies_the_shared_reader_answers():
-    fuzz = load_script()
+    fuzz = hint_fuzz
     bodies = list(fuzz.hostile_bodies(seed=3, count=1000))
     assert len({(b.path, b.body) for b in bodies}) == len(bodies) == 1000
     assert [b.body for b in fuzz.hostile_bodies(seed=3, count=1000)] == [b.body for b in bodies]

@@ -4,29 +4,14 @@ engine: requests go to an in-process ``httpx.MockTransport``."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
+from continuum_tiered.lab import chaos, soak
 from continuum_tiered.lab.reliability import Mismatch, compare_turns, log_problems
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"reliability_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = load_script("soak")
-chaos = load_script("chaos")
 
 
 def test_soak_arguments():
