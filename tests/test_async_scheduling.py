@@ -1,6 +1,7 @@
 """vLLM's AsyncScheduler in the scheduler driver and the virtual-time replay.
 
-The CUDA build schedules step k while step k-1 runs (DESIGN.md section 8). These tests run
+The CUDA build schedules step k while step k-1 runs (docs/architecture.md,
+'Async scheduling'). These tests run
 vLLM's real AsyncScheduler with the batch queue of the engine core, and check what a
 connector sees: a finished request's blocks come back to the free queue one step later.
 """

@@ -1,7 +1,7 @@
 """Pins: extra references on a finished turn's KV blocks, held for a time-to-live.
 
 A pin is one reference per block, taken with ``BlockPool.touch`` and given back with
-``BlockPool.free_blocks`` (DESIGN.md section 3). While pinned, the blocks stay out of the
+``BlockPool.free_blocks`` (docs/architecture.md, 'Pins'). While pinned, the blocks stay out of the
 free queue and their hashes stay in the prefix-cache map, so the program's next turn gets
 an ordinary prefix hit. This module holds the bookkeeping and nothing vLLM-specific: the
 pool is anything with ``touch``, ``free_blocks`` and ``get_num_free_blocks`` whose blocks

@@ -138,7 +138,8 @@ def timed_request(engine: LLMEngine, vocab_size: int, prompt_tokens: int, max_to
 
 
 def reset_prefix_cache(engine: LLMEngine) -> None:
-    """Empty the prefix cache; it refuses while the connector pins blocks (DESIGN.md 8)."""
+    """Empty the prefix cache; it refuses while the connector pins blocks
+    (docs/architecture.md, 'Prefix-cache reset')."""
     if not engine.reset_prefix_cache():
         raise RuntimeError("vLLM refused to reset its prefix cache: blocks are still held")
 

@@ -57,7 +57,8 @@ def tiny_max_model_len(model_dir: Path, num_blocks: int) -> int:
 
 
 def tiny_engine_flags(model_dir: Path, num_blocks: int) -> list[str]:
-    """vLLM flags for a random-weight model on the CPU build (DESIGN.md section 5).
+    """vLLM flags for a random-weight model on the CPU build
+    (docs/architecture.md, 'vLLM CPU build').
 
     The KV pool is ``num_blocks`` blocks; one request may fill all of it (vLLM refuses to
     start when the longest request could not fit), or as much as the model has positions

@@ -1,7 +1,8 @@
 """A tiny random Llama on disk, so the CPU build of vLLM runs end to end without downloads.
 
 vLLM's CPU attention backend rejects head_dim < 64 and needs a block size that is a
-multiple of 32 (DESIGN.md section 5); everything else is kept as small as it can be.
+multiple of 32 (docs/architecture.md, 'vLLM CPU build'); everything else is kept as small
+as it can be.
 Weights are not written: engines load it with ``load_format="dummy"`` (random weights).
 A WordLevel tokenizer over the words ``w0 .. w{vocab-1}`` is saved beside the config so the
 OpenAI server can detokenize replies.

@@ -1,4 +1,4 @@
-"""Continuum's cost-model TTL (DESIGN.md section 2), with tiers in ReloadOrPrefill."""
+"""Continuum's cost-model TTL (docs/architecture.md, 'Continuum TTL'), tiers in ReloadOrPrefill."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """LMCache's CPU and disk tiers, modelled for the virtual-time replay.
 
-What is modelled (DESIGN.md section 4): write-through of every request's KV (prompt and
+What is modelled (docs/architecture.md, 'LMCache stores and loads'): write-through of every
+request's KV (prompt and
 decode tokens, as with ``save_decode_cache``) into the LRU tiers of ``core.tier_model``
 (CPU, then disk); on a new request, the longest run of blocks beyond vLLM's own prefix
 hit that a tier holds is loaded, disk hits being promoted to CPU. Entries are vLLM's

@@ -16,7 +16,7 @@
 | ``vllm-offload`` | request FCFS | vLLM's CPU offloading connector: async loads, no disk |
 | ``continuum-plugin`` | pinned, then program FCFS | 2 s until 100 samples, then the TTL |
 
-``continuum-plugin`` is the public Continuum plugin's behaviour (DESIGN.md section 8): a
+``continuum-plugin`` is the public Continuum plugin's behaviour (docs/architecture.md, 'Peers'): a
 returning turn whose program still holds a pin goes ahead of the others. Its queue also
 puts preempted requests first, which vLLM's priority scheduler does not do (a preempted
 request goes back by its priority); that part is not modelled.

@@ -1,12 +1,13 @@
 """Drive vLLM's real ``Scheduler`` and ``BlockPool`` without a model.
 
 The engine core's loop is ``schedule()`` then ``update_from_output()``; here the model's
-forward pass is replaced by a caller-supplied token per scheduled request (DESIGN.md
-section 3). Everything else, including the KV connector, is vLLM's own code, so the
-scheduling and memory decisions are the ones a real deployment would make.
+forward pass is replaced by a caller-supplied token per scheduled request (docs/architecture.md,
+'Scheduler without a model'). Everything else, including the KV connector, is vLLM's own
+code, so the scheduling and memory decisions are the ones a real deployment would make.
 
 With ``async_scheduling`` the driver runs vLLM's ``AsyncScheduler`` the way the engine
-core's batch queue does on CUDA (DESIGN.md section 8): step k is scheduled while step
+core's batch queue does on CUDA (docs/architecture.md, 'Async scheduling'): step k is
+scheduled while step
 k-1 is in flight, and k-1's output is processed after. A finished request is then seen
 one step later, and with a KV connector its blocks wait behind vLLM's deferred-free fence
 for the step in flight. The CPU platform switches async scheduling off; the driver

@@ -118,7 +118,8 @@ class DeferredFrees:
 
     With async scheduling (or pipeline parallelism) and a KV consumer connector, a request
     that finishes while a later step still has it scheduled has its blocks held behind a
-    fence until that step is processed (DESIGN.md section 8): the next admission sees
+    fence until that step is processed (docs/architecture.md, 'Async scheduling'): the next
+    admission sees
     fewer free blocks than the sync scheduler would, though they come back before the one
     after. Counting them, a pin is not released for room that returns a step later; the
     request waits that step instead. Blocks of requests that finished since the last step
