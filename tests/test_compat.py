@@ -50,3 +50,12 @@ def test_the_connector_refuses_to_start_on_an_unchecked_vllm(tiny_model_dir, mon
     )
     with pytest.raises(compat.CompatError, match=r"this is vLLM 0\.40\.0"):
         SchedulerDriver(cfg, build_vllm_config(cfg))
+
+
+@pytest.mark.parametrize("version", ["0.5.7", "0.5.5", "0.6.0", "1.0.0"])
+def test_an_lmcache_outside_the_checked_list_is_refused_by_name(version):
+    """No override: LMCache's internals are read exactly as the checked versions lay them out."""
+    checked = re.escape(", ".join(compat.CHECKED_LMCACHE))
+    expected = rf"checked against LMCache {checked}; this is LMCache {re.escape(version)}$"
+    with pytest.raises(compat.CompatError, match=expected):
+        compat.check_lmcache(version)

@@ -45,6 +45,7 @@ from continuum_tiered.lab.server_process import (
     prometheus_samples,
     vanilla_server_command,
 )
+from continuum_tiered.vllm import compat
 from continuum_tiered.vllm.lmcache.residency import guard_disk_writes
 from continuum_tiered.vllm.tiers import DISK_SUBDIR
 
@@ -406,7 +407,7 @@ def test_disk_tier_whose_directory_was_removed_stores_again(tmp_path):
         backend.submit_put_task(*second)
         written(backend)
         assert list(backend.dict) == [second[0]]
-        assert Path(backend._key_to_path(second[0])).exists()
+        assert Path(compat.lmcache_disk_path(backend, second[0])).exists()
 
 
 def test_failed_disk_write_leaves_no_trace_in_lmcache(tmp_path):
@@ -427,7 +428,7 @@ def test_failed_disk_write_leaves_no_trace_in_lmcache(tmp_path):
             assert not backend.disk_worker.put_tasks
             assert [memory.get_ref_count() for _, memory in chunks] == [1, 1]
             assert [p.name for p in (root / "chunks").iterdir()] == [
-                Path(backend._key_to_path(chunks[0][0])).name
+                Path(compat.lmcache_disk_path(backend, chunks[0][0])).name
             ]
             (root / "filler").unlink()
             backend.submit_put_task(*chunks[1])

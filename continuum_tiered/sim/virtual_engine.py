@@ -23,6 +23,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 
+from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
@@ -87,7 +88,7 @@ class VirtualEngine:
         connector = self.scheduler.connector
         if connector is None:
             return []
-        return list(getattr(connector, "_connectors", [connector]))
+        return connector.sub_connectors if isinstance(connector, MultiConnector) else [connector]
 
     # ------------------------------------------------------------------ loop
 

@@ -29,6 +29,8 @@ LMCACHE_CONNECTOR_NAME = "LMCacheConnectorV1"
 def register() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
+    from continuum_tiered.vllm.compat import connector_registry
+
     for name, module in (
         (CONNECTOR_NAME, CONNECTOR_MODULE),
         (TIERED_CONNECTOR_NAME, TIERED_CONNECTOR_MODULE),
@@ -36,7 +38,7 @@ def register() -> None:
         # A second call in the same process finds it registered: plugins may load twice.
         with contextlib.suppress(ValueError):
             KVConnectorFactory.register_connector(name, module, name)
-    give_lmcache_the_cpu_connector(KVConnectorFactory._registry)
+    give_lmcache_the_cpu_connector(connector_registry())
     log_through_vllm()
 
 
@@ -62,7 +64,7 @@ def give_lmcache_the_cpu_connector(registry: dict[str, Callable[[], Any]]) -> No
     CPU worker's Triton-kernel rebinding (a scan of ``sys.modules`` at worker start), so
     LMCache must not be imported before that. vLLM's factory has no public hook between
     looking a connector up and building it, hence the wrapped entry of its registry
-    (checked against vLLM 0.32); on other platforms the class is LMCache's own.
+    (``compat.connector_registry``); on other platforms the class is LMCache's own.
     """
     load = registry.get(LMCACHE_CONNECTOR_NAME)
     if load is None or getattr(load, "_continuum_cpu", False):

@@ -48,6 +48,7 @@ from vllm.logger import init_logger
 from continuum_tiered.core.hints import HintError, request_hints
 from continuum_tiered.core.tier_model import TIER_ORDER, LoadCost, TierStore
 from continuum_tiered.policies import DEFAULT_POLICY_WITH_TIERS
+from continuum_tiered.vllm import compat
 from continuum_tiered.vllm.connectors.continuum_connector import ContinuumConnector
 from continuum_tiered.vllm.connectors.stats import (
     DECLINED_LOADS,
@@ -105,9 +106,10 @@ class ContinuumTieredConnector(MultiConnector):
             )
         default_pins_off(vllm_config)
         super().__init__(vllm_config, role, kv_cache_config)
-        self._continuum = _only(self._connectors, ContinuumConnector)
-        self._lmcache = _only(self._connectors, LMCacheConnectorV1)
-        self._lmcache_index = self._connectors.index(self._lmcache)
+        children = self.sub_connectors
+        self._continuum = _only(children, ContinuumConnector)
+        self._lmcache = _only(children, LMCacheConnectorV1)
+        self._lmcache_index = children.index(self._lmcache)
         # Worker half.
         self._lookup = LMCacheResidency()
         self._report = TierReport(metadata=())
@@ -164,22 +166,27 @@ class ContinuumTieredConnector(MultiConnector):
         report.metadata = (
             children.metadata  # type: ignore[union-attr]
             if children is not None
-            else (None,) * len(self._connectors)
+            else (None,) * len(self.sub_connectors)
         )
         return report
 
     def shutdown(self) -> None:
         super().shutdown()
-        if self._role == KVConnectorRole.WORKER and self._disk_cleanup_dir:
+        if self.role == KVConnectorRole.WORKER and self._disk_cleanup_dir:
             shutil.rmtree(self._disk_cleanup_dir, ignore_errors=True)
             logger.info("continuum-tiered: removed the disk tier %s", self._disk_cleanup_dir)
 
     def _lmcache_requests(self) -> list[Any]:
         if not self._lmcache.has_connector_metadata():
             return []
-        return list(getattr(self._lmcache._get_connector_metadata(), "requests", []))
+        return list(getattr(compat.connector_metadata(self._lmcache), "requests", []))
 
     # ------------------------------------------------------------- scheduler
+
+    @property
+    def _routes(self) -> dict[str, int]:
+        """Which child each request's lookup went to: MultiConnector's own map."""
+        return compat.multi_connector_routes(self)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -190,7 +197,7 @@ class ContinuumTieredConnector(MultiConnector):
         tokens, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
         if tokens and self._recompute_rather_than_load(request, num_computed_tokens, tokens):
             # LMCache is told 0 tokens in update_state_after_alloc and loads nothing.
-            del self._requests_to_connector[request.request_id]
+            del self._routes[request.request_id]
             self._declined[request.request_id] = tokens  # counted once it is scheduled
             return 0, False
         return tokens, load_async
@@ -203,7 +210,7 @@ class ContinuumTieredConnector(MultiConnector):
         if _is_returning_turn(request):
             from_lmcache = (
                 num_external_tokens
-                if self._requests_to_connector.get(request.request_id) == self._lmcache_index
+                if self._routes.get(request.request_id) == self._lmcache_index
                 else 0
             )
             self._count("gpu", local)
@@ -268,7 +275,7 @@ class ContinuumTieredConnector(MultiConnector):
         profile, every hit is loaded, as LMCache alone would."""
         profile = self._continuum.options.profile
         # The LMCache child's own config, as MultiConnector built it (vLLM's base keeps it).
-        lmcache_config = self._lmcache._kv_transfer_config.kv_connector_extra_config
+        lmcache_config = compat.own_kv_transfer_config(self._lmcache).kv_connector_extra_config
         sizes = lmcache_tier_bytes(lmcache_config)
         if profile is None or sizes is None or any(t not in profile.tiers for t in TIER_ORDER):
             return
@@ -286,7 +293,7 @@ class ContinuumTieredConnector(MultiConnector):
         if (
             self._shadow is None
             or self._load_cost is None
-            or self._requests_to_connector.get(request.request_id) != self._lmcache_index
+            or self._routes.get(request.request_id) != self._lmcache_index
         ):
             return False
         keys = self._blocks(request, computed, computed + hit)

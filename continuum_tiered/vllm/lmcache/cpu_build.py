@@ -8,35 +8,16 @@ goes to LMCache's own function unchanged. LMCache looks the function up at call 
 (``vllm_service_factory`` imports it inside ``get_or_create_lmcache_engine``), so wrapping
 the module attribute is enough; nothing else in LMCache is touched.
 
-Checked against the LMCache versions in ``CHECKED_LMCACHE_VERSIONS``; on another version the
-patch is still applied (the function's contract is small) but a warning says so.
+Checked against the LMCache versions in ``compat.CHECKED_LMCACHE``; on another version
+``install`` raises ``compat.CompatError`` instead of patching.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import logging
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
-CHECKED_LMCACHE_VERSIONS = ("0.5.6",)
-
-
-def lmcache_version_checked(checked: tuple[str, ...], patch: str, risk: str = "") -> bool:
-    """Whether the installed LMCache is one of ``checked``; warns naming ``patch`` if not."""
-    version = importlib.metadata.version("lmcache")
-    if version in checked:
-        return True
-    logger.warning(
-        "continuum-tiered: LMCache %s is not one of the versions its %s was checked against (%s)%s",
-        version,
-        patch,
-        ", ".join(checked),
-        f"; {risk}" if risk else "",
-    )
-    return False
+from continuum_tiered.vllm import compat
 
 
 def install() -> bool:
@@ -50,9 +31,9 @@ def install() -> bool:
 
     if lmcache.torch_device_type != "cpu":
         return False
+    compat.check_lmcache()
     if getattr(gpu_connector.CreateGPUConnector, "_continuum_cpu", False):
         return True
-    lmcache_version_checked(CHECKED_LMCACHE_VERSIONS, "CPU connector")
     gpu_connector.CreateGPUConnector = _with_cpu_connector(gpu_connector.CreateGPUConnector)
     return True
 

@@ -13,6 +13,10 @@ Where LMCache failed to start, every lookup answers "nowhere".
 The disk tier's failures degrade to recompute, with a warning: chunks whose files were
 deleted are forgotten before a load (``forget_vanished_disk_chunks``), and a write that fails
 (a full disk, a removed directory) leaves no trace in LMCache (``guard_disk_writes``).
+
+All of it reads LMCache's internals, so building an ``LMCacheResidency`` (every
+``ContinuumTieredConnector`` does) first checks the installed LMCache
+(``compat.check_lmcache``) and raises on one it was not checked against.
 """
 
 from __future__ import annotations
@@ -20,26 +24,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.logger import init_logger
 
-from continuum_tiered.vllm.lmcache.cpu_build import lmcache_version_checked
+from continuum_tiered.core.tier_model import TIER_ORDER
+from continuum_tiered.vllm import compat
 
 logger = init_logger(__name__)
 
 # LMCache backend name -> tier name in tier profiles and connector stats.
 TIER_OF_BACKEND = {"LocalCPUBackend": "cpu", "LocalDiskBackend": "disk"}
-# Slowest last: a prefix split across tiers reloads at the pace of the slowest.
-TIER_ORDER = ("cpu", "disk")
-# The LMCache versions whose disk write path ``guard_disk_writes`` was checked against.
-DISK_GUARD_CHECKED_VERSIONS = ("0.5.6",)
-# The LMCache versions whose storage manager and disk backend internals (``batched_contains``,
-# ``storage_backends``, ``LocalDiskBackend.dict``/``disk_lock``/``usage``, the token
-# database) the lookups below were checked against; on others they answer "nowhere".
-RESIDENCY_CHECKED_VERSIONS = ("0.5.6",)
+# Disk backends whose last write failed: one warning per run of failures.
+_failing_disks: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,7 @@ class LMCacheResidency:
     def __init__(self, engine_name: str = "vllm-instance"):
         self.engine_name = engine_name
         self._warned = False
-        self._checked = lmcache_version_checked(
-            RESIDENCY_CHECKED_VERSIONS,
-            "tier lookup",
-            "tier residency is not read: TTLs assume recompute, vanished disk chunks are "
-            "not forgotten",
-        )
+        compat.check_lmcache()
         # Here because every connector that reads LMCache's tiers builds one, on any platform.
         guard_disk_writes()
 
@@ -136,8 +131,6 @@ class LMCacheResidency:
         return dropped
 
     def _engine(self) -> Any:
-        if not self._checked:
-            return None
         from lmcache.v1.cache_engine import LMCacheEngineBuilder
 
         engine = LMCacheEngineBuilder.get(self.engine_name)
@@ -166,20 +159,16 @@ def guard_disk_writes() -> bool:
     Upstream, the same cleanup in ``async_save_bytes_to_disk`` (``try``/``except`` around
     ``write_file``) would make it unnecessary.
 
-    Applied only on ``DISK_GUARD_CHECKED_VERSIONS``: the undo mirrors that version's
-    bookkeeping exactly. Returns whether it is in place; safe to call more than once.
+    The undo mirrors the bookkeeping of the versions in ``compat.CHECKED_LMCACHE`` exactly;
+    on another version this raises ``compat.CompatError``. Returns True once it is in
+    place; safe to call more than once.
     """
+    compat.check_lmcache()
     from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
 
     save = LocalDiskBackend.async_save_bytes_to_disk
     if getattr(save, "_continuum_guard", False):
         return True
-    if not lmcache_version_checked(
-        DISK_GUARD_CHECKED_VERSIONS,
-        "disk write guard",
-        "a failed disk write may leak LMCache memory",
-    ):
-        return False
     LocalDiskBackend.async_save_bytes_to_disk = _undoing_failed_writes(save)
     return True
 
@@ -202,17 +191,17 @@ def _undoing_failed_writes(save: Callable[..., None]) -> Callable[..., None]:
                 with contextlib.suppress(OSError):
                     os.makedirs(backend.path, exist_ok=True)
             # One warning per run of failures: on a full disk every chunk's write fails.
-            if not getattr(backend, "_continuum_write_failing", False):
+            if backend not in _failing_disks:
                 logger.warning(
                     "continuum-tiered: LMCache disk tier %s cannot store KV chunks (%s); "
                     "they stay in the CPU tier only and are recomputed once they leave it",
                     backend.path,
                     error,
                 )
-            backend._continuum_write_failing = True
+            _failing_disks.add(backend)
             return
-        if getattr(backend, "_continuum_write_failing", False):
-            backend._continuum_write_failing = False
+        if backend in _failing_disks:
+            _failing_disks.discard(backend)
             logger.info("continuum-tiered: LMCache disk tier %s stores again", backend.path)
 
     save_or_undo._continuum_guard = True  # type: ignore[attr-defined]
@@ -227,6 +216,6 @@ def _undo_failed_write(backend: Any, key: Any, memory_obj: Any) -> None:
         backend.cache_policy.update_on_force_evict(key)
     backend.stats_monitor.update_local_storage_usage(backend.usage)
     with contextlib.suppress(OSError):
-        os.remove(backend._key_to_path(key))
+        os.remove(compat.lmcache_disk_path(backend, key))
     memory_obj.ref_count_down()
     backend.disk_worker.remove_put_task(key)
