@@ -19,6 +19,7 @@ from continuum_tiered.core.programs import ProgramState
 from continuum_tiered.policies import ContinuumPolicy, TieredPolicy
 from continuum_tiered.policies.static_ttl import NoRetentionPolicy, StaticTTLPolicy
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
+from continuum_tiered.vllm.connectors.tier_link import NoTiers
 
 BLOCK = 32
 NUM_BLOCKS = 40  # 39 usable: block 0 is vLLM's null block
@@ -71,7 +72,7 @@ class Harness:
     def __init__(self, driver: SchedulerDriver):
         self.driver = driver
         self.clock = Clock()
-        driver.connector.clock = self.clock
+        driver.connector.bind_tiers(NoTiers(self.clock))
         self.pool = driver.block_pool
         self.initial_free = self.pool.get_num_free_blocks()
         self.set_ttl(100.0)

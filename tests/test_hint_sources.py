@@ -20,6 +20,7 @@ from vllm.v1.request import Request
 from continuum_tiered.core.hints import HintError, ProgramHints, parse_hints
 from continuum_tiered.policies.static_ttl import StaticTTLPolicy
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
+from continuum_tiered.vllm.connectors.tier_link import NoTiers
 
 OURS = {"continuum": {"program_id": "ours", "turn": 3, "last_turn": False, "tool": "grep"}}
 XARGS = {"job_id": "job-7", "this_func_call": "pytest", "last_func_call": "ls"}
@@ -171,7 +172,7 @@ def driver(driver_config) -> Iterator[SchedulerDriver]:
     cfg, vllm_config = driver_config
     d = SchedulerDriver(cfg, vllm_config)
     d.clock = Clock()
-    d.connector.clock = d.clock
+    d.connector.bind_tiers(NoTiers(d.clock))
     d.connector.policy = StaticTTLPolicy(100.0)
     initial_free = d.block_pool.get_num_free_blocks()
     yield d

@@ -276,7 +276,7 @@ def test_vllms_scheduler_starts_with_the_connector_on_an_opt_model(tmp_path: Pat
     connector.policy = StaticTTLPolicy(100.0)
     prompt = list(range(3, 3 + 320))
     hints = ProgramHints("opt-program", 0).to_params()
-    driver.add_request("a0", prompt, 2, connector.clock(), kv_transfer_params=hints)
+    driver.add_request("a0", prompt, 2, connector.tiers.now(), kv_transfer_params=hints)
     for _ in range(50):
         if "a0" in driver.step().finished_request_ids:
             break

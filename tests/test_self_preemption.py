@@ -30,6 +30,7 @@ from continuum_tiered.core.hints import ProgramHints
 from continuum_tiered.core.pins import ReleaseReason
 from continuum_tiered.policies.static_ttl import StaticTTLPolicy
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver
+from continuum_tiered.vllm.connectors.tier_link import NoTiers
 
 BLOCK = 32
 NUM_BLOCKS = 17  # 16 usable: block 0 is vLLM's null block
@@ -57,7 +58,7 @@ class Run:
     admitted: list[str] = field(default_factory=list)  # from the waiting queue, in order
 
     def __post_init__(self) -> None:
-        self.driver.connector.clock = lambda: self.now
+        self.driver.connector.bind_tiers(NoTiers(lambda: self.now))
         self.driver.connector.policy = StaticTTLPolicy(100.0)
         self.initial_free = self.driver.block_pool.get_num_free_blocks()
 

@@ -68,6 +68,7 @@ from continuum_tiered.policies import DEFAULT_POLICY, make_policy
 from continuum_tiered.policies.base import RetentionPolicy
 from continuum_tiered.policies.static_ttl import StaticTTLPolicy
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
+from continuum_tiered.vllm.connectors.tier_link import NoTiers
 
 BLOCK = 32
 STEP_S = 0.05  # virtual seconds per engine step
@@ -294,7 +295,7 @@ def new_driver(setup: FuzzSetup, num_blocks: int, ttl_s: float) -> tuple[Schedul
         dataclasses.replace(setup.cfg, num_blocks=num_blocks), setup.vllm_config
     )
     clock = Clock()
-    driver.connector.clock = clock
+    driver.connector.bind_tiers(NoTiers(clock))
     policy = setup.variant.make_policy(driver.connector, ttl_s)
     if policy is not None:
         driver.connector.policy = policy

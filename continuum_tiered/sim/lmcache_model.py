@@ -23,7 +23,8 @@ finished request's blocks until their store is done (a store takes a fraction of
 at PCIe rates).
 
 ``SimLMCacheConnector`` is a scheduler-side vLLM connector; the replay composes it with
-``ContinuumConnector`` through vLLM's ``MultiConnector`` as a deployment would.
+``ContinuumConnector`` through vLLM's ``MultiConnector`` as a deployment would, and binds
+it to the ``ContinuumConnector`` as its ``TierLink`` (on the replay's clock).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         )
         self.write_through = bool(extra.get("write_through", True))
         self.async_transfers = bool(extra.get("async", False))
-        self.clock: Callable[[], float] = lambda: 0.0
+        self._clock: Callable[[], float] = lambda: 0.0
         self._h2d_free_at = 0.0  # async loads queue on the link
         self._receiving: dict[str, float] = {}  # request -> when its async load is done
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
@@ -104,6 +105,18 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         self._loads = Counter[str]()  # blocks to load in the coming step, by tier
         self._stores: list[Hashable] = []  # blocks stored in the coming step
         self.stats = StoreStats()
+
+    # ------------------------------------------------- the TierLink, and its clock
+
+    # ``offload`` stores into the modelled tiers, write-through or not.
+    can_offload = True
+
+    def bind_clock(self, clock: Callable[[], float]) -> None:
+        """The replay's virtual clock: async loads queue on it."""
+        self._clock = clock
+
+    def now(self) -> float:
+        return self._clock()
 
     # --------------------------------------------------------------- the step
 
@@ -169,7 +182,7 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         return len(found) * self.block_size, self.async_transfers
 
     def _load_async(self, request_id: str, nbytes: int) -> None:
-        start = max(self.clock(), self._h2d_free_at)
+        start = max(self.now(), self._h2d_free_at)
         self._h2d_free_at = start + self.links.pcie_latency_s + nbytes / self.links.h2d
         self._receiving[request_id] = self._h2d_free_at
 

@@ -35,6 +35,7 @@ from continuum_tiered.sim.scheduler_driver import ScheduledStep, SchedulerDriver
 from continuum_tiered.sim.step_time import StepTimeModel
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.vllm.connectors.continuum_connector import ContinuumConnector
+from continuum_tiered.vllm.connectors.tier_link import NoTiers
 
 MAX_IDLE_STEPS = 3  # empty steps in a row before the clock jumps to the next arrival
 STOP_TOKEN = 2  # prompts and other outputs use token ids from 3 up
@@ -77,12 +78,12 @@ class VirtualEngine:
         self.pin_connector = pins
         self.lmcache = next((c for c in connectors if isinstance(c, SimLMCacheConnector)), None)
         if self.lmcache is not None:
-            self.lmcache.clock = lambda: self.now
+            self.lmcache.bind_clock(self._clock)
         if pins is not None:
-            pins.clock = lambda: self.now
-            if self.lmcache is not None:
-                pins.residency = self.lmcache.tier_after_release
-                pins.offload = self.lmcache.offload
+            pins.bind_tiers(self.lmcache if self.lmcache is not None else NoTiers(self._clock))
+
+    def _clock(self) -> float:
+        return self.now
 
     def _connectors(self) -> list:
         connector = self.scheduler.connector

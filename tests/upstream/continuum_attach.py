@@ -297,7 +297,7 @@ def _seed_pins(scheduler: Any) -> None:
                 key = make_block_hash_with_group_id(BlockHash(f"{program_id}:{i}".encode()), 0)
                 block.set_block_hash(key, num_tokens=(i + 1) * block_size)
                 pool.cached_block_hash_to_block.insert(key, block)
-        now = connector.clock()
+        now = connector.tiers.now()
         program = connector.programs.arrive(program_id, now)
         with contextlib.suppress(TypeError):  # keep the program table's view consistent
             connector.programs.turn_finished(

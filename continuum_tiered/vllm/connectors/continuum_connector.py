@@ -17,6 +17,8 @@ back when the next turn is allocated, when the TTL expires, or when memory is ne
   request cannot grow: release pins, and hold new admissions for the rest of the step so
   the freed blocks go to the running requests in the next one, not to newcomers.
 - ``update_state_after_alloc``: the next turn holds its own references; drop the pin.
+- ``bind_tiers``: the clock and the tiers below the GPU (``connectors.tier_link``), from
+  whatever knows them; wall-clock time and no lower tier until then.
 - a prefix-cache reset (``reset_prefix_cache``, sleep, ``pause_scheduler(clear_cache)``)
   drops every pin first: vLLM refuses to reset while any block is held and gives
   connectors no hook before it, so ``bind_gpu_block_pool`` wraps the pool's reset.
@@ -27,8 +29,7 @@ Every hook runs on the scheduler thread; the worker-side half is a no-op.
 from __future__ import annotations
 
 import operator
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -48,6 +49,7 @@ from continuum_tiered.vllm.connectors.demand import BlockDemand, DeferredFrees
 from continuum_tiered.vllm.connectors.reply_tools import ReplyToolParser
 from continuum_tiered.vllm.connectors.scheduler_only import SchedulerOnlyConnector
 from continuum_tiered.vllm.connectors.stats import ContinuumPromMetrics, ContinuumStats, ToolLabels
+from continuum_tiered.vllm.connectors.tier_link import NoTiers, TierLink
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -61,6 +63,7 @@ logger = init_logger(__name__)
 
 # Turns that ended normally; aborted, errored or ignored requests are never pinned.
 _PINNABLE = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED})
+_WALL_CLOCK_NO_TIERS = NoTiers()
 
 
 def _shared_blocks(pinned: list[Any], held: Sequence[Any]) -> int:
@@ -78,13 +81,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
         kv_cache_config: KVCacheConfig | None = None,
     ):
         super().__init__(vllm_config, role, kv_cache_config)
-        self.clock: Callable[[], float] = time.time
-        # Where a finished turn's KV will be found once its pin goes (a lower tier's
-        # name) or None (recompute). Set by whatever knows the lower tiers.
-        self.residency: Callable[[Request], str | None] = lambda request: None
-        # Copies a finished turn's KV to a lower tier, for policies that ask for it; None
-        # where there is no lower tier (policies are told, and never ask).
-        self.offload: Callable[[Request], None] | None = None
+        self._link: TierLink | None = None
         if role != KVConnectorRole.SCHEDULER:
             return
         compat.check_vllm()
@@ -114,15 +111,26 @@ class ContinuumConnector(SchedulerOnlyConnector):
 
     # ------------------------------------------------------------------ binding
 
+    def bind_tiers(self, link: TierLink) -> None:
+        """Hand the connector its clock and the tiers below the GPU: the one way they reach
+        it, once, before its first request."""
+        if self._link is not None:
+            raise RuntimeError("ContinuumConnector is bound to its tiers already")
+        self._link = link
+
+    @property
+    def tiers(self) -> TierLink:
+        return self._link if self._link is not None else _WALL_CLOCK_NO_TIERS
+
     def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
-        if self._role == KVConnectorRole.SCHEDULER:
+        if self.role == KVConnectorRole.SCHEDULER:
             self._demand.manager = kv_cache_manager
 
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
         self._block_pool = gpu_block_pool
         self._pins = PinTable(
-            gpu_block_pool, lambda pin: self.policy.pressure_key(pin, self.clock())
+            gpu_block_pool, lambda pin: self.policy.pressure_key(pin, self.tiers.now())
         )
         reset = gpu_block_pool.reset_prefix_cache
 
@@ -198,7 +206,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
         self.programs.record_prompt(program_id, request.num_prompt_tokens, hit_tokens)
         if pin is None and self._hints[request.request_id].turn > 0:
             # A returning turn whose KV was not pinned: its wait is the eviction cost T_q.
-            self.policy.observe_queue_delay(max(0.0, self.clock() - request.arrival_time))
+            self.policy.observe_queue_delay(max(0.0, self.tiers.now() - request.arrival_time))
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -210,7 +218,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
             return False, None
         if self._unallocated.pop(request.request_id, None) is not None:
             self._count_waiting(hints.program_id, -1)
-        now = self.clock()
+        now = self.tiers.now()
         if request.status not in _PINNABLE:
             self.programs.request_dropped(hints.program_id)
             return False, None
@@ -225,13 +233,13 @@ class ContinuumConnector(SchedulerOnlyConnector):
                 context_tokens=request.num_tokens,
                 last_turn=False,
                 now_s=now,
-                tier=self.residency(request),
-                can_offload=self.offload is not None,
+                tier=self.tiers.tier_after_release(request),
+                can_offload=self.tiers.can_offload,
             )
         )
         self._tool_ttls[self._tool_labels.label(tool)] = decision.ttl_s
-        if decision.offload and self.offload is not None:
-            self.offload(request)
+        if decision.offload and self.tiers.can_offload:
+            self.tiers.offload(request)
         blocks = (
             self._full_cached_blocks(block_ids, request.num_computed_tokens)
             if decision.ttl_s > 0
@@ -276,14 +284,14 @@ class ContinuumConnector(SchedulerOnlyConnector):
         return bool(released)
 
     def shutdown(self) -> None:
-        if self._role == KVConnectorRole.SCHEDULER and self._pins is not None:
+        if self.role == KVConnectorRole.SCHEDULER and self._pins is not None:
             self._release_all(ReleaseReason.SHUTDOWN)
 
     # ------------------------------------------------------------------- stats
 
     def get_kv_connector_stats(self) -> ContinuumStats | None:
         """Called every engine step: returns None unless something changed."""
-        if self._role != KVConnectorRole.SCHEDULER or self._pins is None:
+        if self.role != KVConnectorRole.SCHEDULER or self._pins is None:
             return None
         state = (self.pins.version, self._counters["hints_rejected"], bool(self._tool_ttls))
         if state == self._reported_state:
@@ -334,7 +342,7 @@ class ContinuumConnector(SchedulerOnlyConnector):
     def _expire(self) -> None:
         """Release pins past their deadline whose program has nothing waiting; run before
         any pressure release too, so an overdue pin never outlives a step."""
-        for pin in self.pins.expire(self.clock(), self._has_waiting_request):
+        for pin in self.pins.expire(self.tiers.now(), self._has_waiting_request):
             self.programs.mark_evicted(pin.program_id)
 
     def _release_all(self, reason: ReleaseReason) -> None:

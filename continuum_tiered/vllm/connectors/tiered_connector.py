@@ -5,8 +5,9 @@ A ``MultiConnector`` (same ``connectors`` list in ``kv_connector_extra_config``,
 our KV connector through the plugin's registry entry, ``plugin.give_lmcache_the_cpu_connector``)
 that also:
 
-- feeds ``ContinuumConnector.residency`` from LMCache's storage manager, so a pin's TTL is
-  weighed against the reload cost of the tier that really holds the KV;
+- binds ``ContinuumConnector`` to LMCache's tiers (``WrittenThroughTiers``, read from
+  LMCache's storage manager), so a pin's TTL is weighed against the reload cost of the
+  tier that really holds the KV;
 - loads a hit from LMCache only where the transfer beats recomputing it (``core.tier_model``:
   the scheduler tracks which tier holds each block, the profile prices both ways); LMCache
   alone loads every hit, and a short prefix on a slow disk takes longer than its prefill;
@@ -30,6 +31,8 @@ the children", so this connector needs ``--disable-hybrid-kv-cache-manager`` (``
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +95,29 @@ class TierReport(MultiKVConnectorWorkerMetadata):
         )
 
 
+@dataclass
+class WrittenThroughTiers:
+    """LMCache's tiers as ``ContinuumConnector`` sees them (a ``TierLink``): the tier the
+    worker last saw holding a request's prefix, if the tier profile knows that tier.
+    ``residency`` is the tiered connector's own map, updated as the worker reports."""
+
+    residency: dict[str, str | None]
+    profile_tiers: Collection[str]
+    # LMCache stores every turn while it runs: by the time a policy asks for a copy in a
+    # lower tier (InferCept's swap), it is there already.
+    can_offload = True
+
+    def now(self) -> float:
+        return time.time()
+
+    def tier_after_release(self, request: Request) -> str | None:
+        tier = self.residency.get(request.request_id)
+        return tier if tier in self.profile_tiers else None
+
+    def offload(self, request: Request) -> None:
+        return
+
+
 class ContinuumTieredConnector(MultiConnector):
     def __init__(
         self,
@@ -128,10 +154,10 @@ class ContinuumTieredConnector(MultiConnector):
         self._load_cost: LoadCost | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._warn_on_missing_profile_tiers()
-            self._continuum.residency = self._tier_after_release
-            # LMCache stores every turn while it runs: by the time a policy asks for a
-            # copy in a lower tier (InferCept's swap), it is there already.
-            self._continuum.offload = _already_written_through
+            profile = self._continuum.options.profile
+            self._continuum.bind_tiers(
+                WrittenThroughTiers(self._residency, profile.tiers if profile else ())
+            )
             self._cost_aware_loads()
 
     # ---------------------------------------------------------------- worker
@@ -262,13 +288,6 @@ class ContinuumTieredConnector(MultiConnector):
         if key in self._counts and tokens > 0:
             self._counts[key] += tokens
 
-    def _tier_after_release(self, request: Request) -> str | None:
-        """Called by ``ContinuumConnector.request_finished``: the tier the worker last
-        saw holding this request's prefix, if the tier profile knows that tier."""
-        tier = self._residency.get(request.request_id)
-        profile = self._continuum.options.profile
-        return tier if profile is not None and tier in profile.tiers else None
-
     def _cost_aware_loads(self) -> None:
         """Sets up the scheduler's model of LMCache's tiers and the prices of a load and a
         prefill; without tier sizes in LMCache's extra config or without both tiers in the
@@ -329,10 +348,6 @@ def _only(connectors: list[Any], cls: type) -> Any:
             f"connectors, found {len(found)}"
         )
     return found[0]
-
-
-def _already_written_through(request: Request) -> None:
-    return
 
 
 def _is_returning_turn(request: Request) -> bool:
