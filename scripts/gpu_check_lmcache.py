@@ -25,17 +25,17 @@ from typing import Any
 
 import torch
 
+from continuum_tiered.core.model_shapes import attention_dims
+from continuum_tiered.core.profile import ModelShape
+
 CHUNK = 256  # LMCache's default chunk_size, as serve --tiers configures it
 BLOCK = {"cuda": 16, "cpu": 32}  # vLLM's default block size on each device
 
 
 def kv_caches(config: dict[str, Any], tokens: int, device: str) -> list[torch.Tensor]:
     """Random bf16 KV in vLLM's paged layout for ``device``, one tensor per layer."""
-    layers, heads, head_dim = (
-        config["num_hidden_layers"],
-        config["num_key_value_heads"],
-        (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
-    )
+    dims = attention_dims(config)
+    layers, heads, head_dim = dims.num_layers, dims.num_kv_heads, dims.head_dim
     blocks = tokens // BLOCK[device]
     shape = (
         (2, blocks, BLOCK[device], heads, head_dim)  # flash attention's
@@ -59,8 +59,8 @@ def build_engine(name: str, lmcache_config: dict[str, Any], config: dict[str, An
     engine_config = LMCacheEngineConfig.from_dict(
         {"chunk_size": CHUNK, "pre_caching_hash_algorithm": "sha256_cbor", **lmcache_config}
     )
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    shape = (config["num_hidden_layers"], 2, CHUNK, config["num_key_value_heads"], head_dim)
+    dims = attention_dims(config)
+    shape = (dims.num_layers, 2, CHUNK, dims.num_kv_heads, dims.head_dim)
     metadata = LMCacheMetadata(
         model_name=name,
         world_size=1,
@@ -163,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
         install()
     config = json.loads(args.config.read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_bytes = args.tokens * config["num_hidden_layers"] * 2 * config["num_key_value_heads"]
-    gib = 2 * kv_bytes * head_dim * 2 / 2**30  # twice the prompt's bf16 KV
+    kv_bytes = args.tokens * ModelShape.from_hf_config(config).kv_bytes_per_token
+    gib = 2 * kv_bytes / 2**30  # twice the prompt's bf16 KV
     cpu_only = {"local_cpu": True, "max_local_cpu_size": max(1.0, gib)}
     shutil.rmtree(args.disk, ignore_errors=True)
     args.disk.mkdir(parents=True)

@@ -30,6 +30,7 @@ from continuum_tiered.profiling.measure import (
     fit_link,
     fit_tier,
     max_transfer_tokens,
+    nonnegative_lstsq,
     transfer_tokens,
 )
 from continuum_tiered.profiling.report import Measurements, fit_errors
@@ -246,8 +247,8 @@ def test_fits_never_go_negative() -> None:
 
 def test_nonnegative_lstsq_is_exact_when_unconstrained_is_feasible() -> None:
     design = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
-    assert compute.nonnegative_lstsq(design, [1.0, 3.0, 5.0]) == pytest.approx((1.0, 2.0))
-    assert compute.nonnegative_lstsq(design, [5.0, 3.0, 1.0]) == pytest.approx((3.0, 0.0))
+    assert nonnegative_lstsq(design, [1.0, 3.0, 5.0]) == pytest.approx((1.0, 2.0))
+    assert nonnegative_lstsq(design, [5.0, 3.0, 1.0]) == pytest.approx((3.0, 0.0))
 
 
 def test_disk_measurement(tmp_path: Path) -> None:

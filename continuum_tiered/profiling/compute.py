@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Sta
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from continuum_tiered.core.profile import ModelShape, fit_quadratic
-from continuum_tiered.profiling.measure import ProfilingError, median_seconds
+from continuum_tiered.profiling.measure import ProfilingError, median_seconds, nonnegative_lstsq
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FIRST_PREFILL_TOKENS = 1024
@@ -189,28 +189,6 @@ def fit_decode(points: list[tuple[int, int, float]]) -> tuple[float, float, floa
     scale = design.max(axis=0)  # columns of similar magnitude keep the solve well conditioned
     d = nonnegative_lstsq(design / scale, [t for _, _, t in points])
     return (d[0] / scale[0], d[1] / scale[1], d[2] / scale[2])
-
-
-def nonnegative_lstsq(design: np.ndarray, targets: list[float]) -> tuple[float, ...]:
-    """Least squares with every coefficient >= 0, for a handful of columns.
-
-    Tries every subset of columns left free (the rest at 0) and keeps the best feasible
-    one: exact, and cheap for three columns.
-    """
-    y = np.asarray(targets, dtype=float)
-    columns = design.shape[1]
-    best, best_error = np.zeros(columns), float(y @ y)
-    for mask in range(1, 2**columns):
-        free = [i for i in range(columns) if mask >> i & 1]
-        solution, *_ = np.linalg.lstsq(design[:, free], y, rcond=None)
-        if (solution < 0).any():
-            continue
-        x = np.zeros(columns)
-        x[free] = solution
-        residual = y - design @ x
-        if residual @ residual < best_error:
-            best, best_error = x, float(residual @ residual)
-    return tuple(float(v) for v in best)
 
 
 def _coeffs_text(coeffs: tuple[float, ...]) -> str:

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+
 from continuum_tiered.core.profile import Tier
 
 MAX_CONTEXT_TOKENS = 131_072  # the largest context a transfer is measured for
@@ -215,3 +217,25 @@ def rate_after_latency(nbytes: int, seconds: float, latency_s: float) -> float:
     """Bandwidth of a transfer once the tier's latency is taken off; as in ``fit_link``,
     the latency takes at most half of the time."""
     return nbytes / max(seconds - latency_s, seconds / 2)
+
+
+def nonnegative_lstsq(design: np.ndarray, targets: list[float]) -> tuple[float, ...]:
+    """Least squares with every coefficient >= 0, for a handful of columns.
+
+    Tries every subset of columns left free (the rest at 0) and keeps the best feasible
+    one: exact, and cheap for three columns.
+    """
+    y = np.asarray(targets, dtype=float)
+    columns = design.shape[1]
+    best, best_error = np.zeros(columns), float(y @ y)
+    for mask in range(1, 2**columns):
+        free = [i for i in range(columns) if mask >> i & 1]
+        solution, *_ = np.linalg.lstsq(design[:, free], y, rcond=None)
+        if (solution < 0).any():
+            continue
+        x = np.zeros(columns)
+        x[free] = solution
+        residual = y - design @ x
+        if residual @ residual < best_error:
+            best, best_error = x, float(residual @ residual)
+    return tuple(float(v) for v in best)

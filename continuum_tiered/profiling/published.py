@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from continuum_tiered.core.deployment import Deployment
+from continuum_tiered.core.model_shapes import attention_dims
 from continuum_tiered.core.profile import (
     PROFILE_VERSION,
     ModelShape,
@@ -58,6 +59,7 @@ from continuum_tiered.core.profile import (
     TierProfile,
     fit_quadratic,
 )
+from continuum_tiered.profiling.measure import nonnegative_lstsq
 
 AIC_VERSION = "0.12.0"
 VLLM_VERSION = "0.24.0"
@@ -99,14 +101,14 @@ class LlamaShare:
 
     @classmethod
     def from_hf_config(cls, hf: dict, tp: int) -> LlamaShare:
-        heads = hf["num_attention_heads"]
+        dims = attention_dims(hf)
         return cls(
-            hidden=hf["hidden_size"],
+            hidden=dims.hidden_size,
             intermediate=hf["intermediate_size"],
-            heads=heads,
-            kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            layers=hf["num_hidden_layers"],
+            heads=dims.num_heads,
+            kv_heads=dims.num_kv_heads,
+            head_dim=dims.head_dim,
+            layers=dims.num_layers,
             vocab=hf["vocab_size"],
             tp=tp,
         )
@@ -326,25 +328,12 @@ def decode_points(tables: KernelTables, share: LlamaShare) -> list[tuple[int, in
 def fit_decode(points: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
     """Non-negative (d0, d1, d2) of t = d0 + d1 b + d2 b c, least squares in relative error.
 
-    Relative error, so that the 10 ms steps weigh as much as the second-long ones. The
-    non-negative optimum is the unconstrained optimum on some subset of the coefficients,
-    so every subset is solved and the best feasible solution kept.
+    Relative error, so that the 10 ms steps weigh as much as the second-long ones.
     """
     design = np.array([[1.0, b, b * c] for b, c, _ in points])
     times = np.array([t for _, _, t in points])
-    a, y = design / times[:, None], np.ones(len(points))
-    best, best_residual = np.zeros(3), float(np.sum(y**2))
-    for subset in range(1, 8):
-        columns = [i for i in range(3) if subset >> i & 1]
-        solution, *_ = np.linalg.lstsq(a[:, columns], y, rcond=None)
-        if np.any(solution < 0):
-            continue
-        residual = float(np.sum((a[:, columns] @ solution - y) ** 2))
-        if residual < best_residual:
-            best = np.zeros(3)
-            best[columns] = solution
-            best_residual = residual
-    return float(best[0]), float(best[1]), float(best[2])
+    d0, d1, d2 = nonnegative_lstsq(design / times[:, None], [1.0] * len(points))
+    return d0, d1, d2
 
 
 def regenerate_command() -> str:

@@ -43,6 +43,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
+from continuum_tiered.core.model_shapes import attention_dims
 from continuum_tiered.vllm.plugin import register
 
 
@@ -82,14 +83,14 @@ def build_vllm_config(cfg: DriverConfig) -> VllmConfig:
 
 def _kv_cache_config(vllm_config: VllmConfig, num_blocks: int, block_size: int) -> KVCacheConfig:
     hf = json.loads((Path(vllm_config.model_config.model) / "config.json").read_text())
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    dims = attention_dims(hf)
     spec = FullAttentionSpec(
         block_size=block_size,
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_size=head_dim,
+        num_kv_heads=dims.num_kv_heads,
+        head_size=dims.head_dim,
         dtype=torch.bfloat16,
     )
-    layers = [f"model.layers.{i}.self_attn.attn" for i in range(hf["num_hidden_layers"])]
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(dims.num_layers)]
     page = spec.page_size_bytes
     return KVCacheConfig(
         num_blocks=num_blocks,
