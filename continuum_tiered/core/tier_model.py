@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from continuum_tiered.core.profile import Tier, prefill_increment
 
+# The KV tiers below the GPU, nearest first: LMCache's CPU memory and its disk. Slowest
+# last: a prefix split across tiers reloads at the pace of the slowest.
 TIER_ORDER = ("cpu", "disk")
 
 

@@ -27,6 +27,7 @@ from continuum_tiered.core.profile import (
     ProfileError,
     TierProfile,
 )
+from continuum_tiered.core.tier_model import TIER_ORDER
 from continuum_tiered.profiling import compute, disk, engine_steps, transfers
 from continuum_tiered.profiling.measure import (
     BLOCK_TOKENS,
@@ -45,7 +46,6 @@ from continuum_tiered.profiling.measure import (
 )
 from continuum_tiered.profiling.report import Measurements, plot, summary
 
-TIER_NAMES = ("cpu", "disk")
 MIN_MAX_TOKENS = 64
 
 
@@ -169,7 +169,7 @@ def parse_tiers(text: str) -> list[TierRequest]:
     tiers = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, directory = item.partition(":")
-        if name not in TIER_NAMES:
+        if name not in TIER_ORDER:
             raise ProfilingError(
                 f"--tiers: unknown tier {name!r}; known tiers: cpu, disk:/path/to/dir"
             )

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import psutil
 
+from continuum_tiered.core.tier_model import TIER_ORDER
+
 GIB = 1024**3
-TIERS = ("cpu", "disk")
 DISK_SUBDIR = "continuum-lmcache"
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -63,7 +64,7 @@ class Tiers:
             name, sep, value = item.partition("=")
             if not sep or not value:
                 raise TierSpecError(f"--tiers: expected NAME=VALUE, got {item!r}")
-            if name not in TIERS:
+            if name not in TIER_ORDER:
                 raise TierSpecError(f"--tiers: unknown tier {name!r}; known tiers: cpu, disk")
             if name in fields or f"{name}_bytes" in fields:
                 raise TierSpecError(f"--tiers: tier {name!r} given twice")
