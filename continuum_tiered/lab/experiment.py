@@ -51,7 +51,8 @@ from continuum_tiered.replay.runner import (
 )
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
-from continuum_tiered.vllm.serve import RESERVED_CPU_ENV
+from continuum_tiered.vllm.plugin import LMCACHE_CONNECTOR_NAME
+from continuum_tiered.vllm.serve import RESERVED_CPU_ENV, kv_transfer_config
 from continuum_tiered.vllm.tiers import Tiers
 
 # The random Llama of the CPU runs: big enough that prefilling the scaled trace contexts
@@ -200,11 +201,7 @@ def vanilla_lmcache(engine: ServedModel, scratch: Path) -> list[str]:
     ``continuum-tiered serve --tiers`` (on the CPU build the plugin's entry point gives
     LMCache our CPU KV connector; nothing else of the plugin is used)."""
     tiers = Tiers.parse(engine.tiers.spec(scratch))
-    config = {
-        "kv_connector": "LMCacheConnectorV1",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": tiers.lmcache_config(),
-    }
+    config = kv_transfer_config(LMCACHE_CONNECTOR_NAME, tiers.lmcache_config())
     return vanilla("--kv-transfer-config", json.dumps(config))(engine, scratch)
 
 

@@ -59,17 +59,15 @@ from continuum_tiered.sim.scheduler_driver import (
     SchedulerDriver,
     build_vllm_config,
 )
+from continuum_tiered.vllm.plugin import CONNECTOR_NAME
+from continuum_tiered.vllm.serve import kv_transfer_config
 
 TARGET_OVERHEAD = 0.05
 BLOCK_SIZE = 32
 
 
 def connector_config(policy: str) -> dict[str, Any]:
-    return {
-        "kv_connector": "ContinuumConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"policy": policy},
-    }
+    return kv_transfer_config(CONNECTOR_NAME, {"policy": policy})
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from continuum_tiered.sim.tier_links import LinkFigures
 from continuum_tiered.sim.virtual_engine import VirtualEngine
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.vllm.plugin import CONNECTOR_NAME
+from continuum_tiered.vllm.serve import kv_transfer_config
 
 
 @dataclass(frozen=True)
@@ -94,22 +95,18 @@ def connector_config(peer: Peer, setup: ReplaySetup, profile: TierProfile) -> di
         }
         if peer.lmcache_cost_aware:
             extra["load_if_faster_than_prefill"] = list(profile.serving_prefill_coeffs)
-        configs.append(_kv(LMCACHE_CONNECTOR, extra))
+        configs.append(kv_transfer_config(LMCACHE_CONNECTOR, extra))
     if peer.pin_policy is not None:
         extra = {"policy": peer.pin_policy, "device": setup.deployment.device}
         if peer.pin_options:
             extra["policy_options"] = dict(peer.pin_options)
         if setup.profile_ref is not None:
             extra["profile"] = setup.profile_ref
-        configs.append(_kv(CONNECTOR_NAME, extra))
+        configs.append(kv_transfer_config(CONNECTOR_NAME, extra))
     if len(configs) <= 1:
         return configs[0] if configs else None
     # LMCache first: it stores a finished turn before the pin policy asks where it is.
-    return _kv("MultiConnector", {"connectors": configs})
-
-
-def _kv(name: str, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"kv_connector": name, "kv_role": "kv_both", "kv_connector_extra_config": extra}
+    return kv_transfer_config("MultiConnector", {"connectors": configs})
 
 
 def driver_config(

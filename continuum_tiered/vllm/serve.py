@@ -14,9 +14,14 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from continuum_tiered.core.tenancy import SCOPE_MODES
-from continuum_tiered.vllm.plugin import CONNECTOR_NAME, TIERED_CONNECTOR_NAME
+from continuum_tiered.vllm.plugin import (
+    CONNECTOR_NAME,
+    LMCACHE_CONNECTOR_NAME,
+    TIERED_CONNECTOR_NAME,
+)
 from continuum_tiered.vllm.tiers import Tiers
 
 MIDDLEWARE = "continuum_tiered.vllm.middleware.HintValidationMiddleware"
@@ -24,7 +29,6 @@ MIDDLEWARE = "continuum_tiered.vllm.middleware.HintValidationMiddleware"
 SCOPED_MIDDLEWARE = "continuum_tiered.vllm.middleware.ProgramScopeMiddleware"
 # Flags this command sets itself; passing them through as well would be ambiguous.
 OWNED_FLAGS = ("--kv-transfer-config", "--scheduling-policy", "--middleware")
-LMCACHE_CONNECTOR = "LMCacheConnectorV1"
 # Key of ContinuumTieredConnector's own extra config: the disk tier's directory, removed
 # by the worker at shutdown.
 DISK_CLEANUP_KEY = "disk_cleanup_dir"
@@ -32,6 +36,17 @@ DISK_CLEANUP_KEY = "disk_cleanup_dir"
 
 class ServeError(ValueError):
     pass
+
+
+def kv_transfer_config(connector: str, extra: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """vLLM's ``kv_transfer_config`` of one connector, with vLLM's other ``fields``; every
+    connector here both stores and loads KV."""
+    return {
+        "kv_connector": connector,
+        "kv_role": "kv_both",
+        **fields,
+        "kv_connector_extra_config": extra,
+    }
 
 
 @dataclass
@@ -54,28 +69,15 @@ class ServeOptions:
             extra["profile"] = self.profile
         if self.policy_options:
             extra["policy_options"] = self.policy_options
-        continuum = {
-            "kv_connector": CONNECTOR_NAME,
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": extra,
-        }
+        continuum = kv_transfer_config(CONNECTOR_NAME, extra)
         if self.tiers is None:
             return continuum
-        lmcache = {
-            "kv_connector": LMCACHE_CONNECTOR,
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": self.tiers.lmcache_config(),
-        }
+        lmcache = kv_transfer_config(LMCACHE_CONNECTOR_NAME, self.tiers.lmcache_config())
         tiered: dict[str, object] = {"connectors": [continuum, lmcache]}
         if self.tiers.disk_cleanup:
             tiered[DISK_CLEANUP_KEY] = str(self.tiers.disk_dir)
-        return {
-            "kv_connector": TIERED_CONNECTOR_NAME,
-            "kv_role": "kv_both",
-            # KV that a tier fails to deliver (a vanished disk file) is recomputed.
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": tiered,
-        }
+        # KV that a tier fails to deliver (a vanished disk file) is recomputed.
+        return kv_transfer_config(TIERED_CONNECTOR_NAME, tiered, kv_load_failure_policy="recompute")
 
     def vllm_flags(self) -> list[str]:
         """vLLM's flags, without the model: each command puts it where that command reads
