@@ -15,6 +15,7 @@ from continuum_tiered.core.profile import (
     EngineSteps,
     ModelShape,
     ProfileError,
+    ProfileMismatchError,
     Tier,
     TierProfile,
     builtin_profile_names,
@@ -22,6 +23,7 @@ from continuum_tiered.core.profile import (
     fit_quadratic,
     load_named_profile,
 )
+from continuum_tiered.core.profile_source import resolve_profile
 
 LLAMA_8B = ModelShape("llama-8b", num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
 
@@ -507,3 +509,57 @@ def test_a_replaced_tier_drops_the_provenance_of_figures_it_lacks(tmp_path: Path
     assert loaded.tiers["disk"] == Tier("disk", 1e3, 0.0)
     assert "tiers.disk.write_bandwidth_bytes_per_s" not in loaded.provenance
     assert loaded.provenance["tiers.cpu.bandwidth_bytes_per_s"] == "published"
+
+
+LLAMA_8B_CONFIG = {
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+}
+
+
+@pytest.mark.parametrize("form", ["path", "json"])
+def test_resolve_profile_loads_a_profile_of_the_served_shape(tmp_path: Path, form: str) -> None:
+    path = tmp_path / "p.json"
+    _profile().save(path)
+    ref = str(path) if form == "path" else _profile().to_json()
+    resolved = resolve_profile(ref, LLAMA_8B_CONFIG, name="served-8b", device="cuda")
+    assert resolved == _profile()
+
+
+@pytest.mark.parametrize(
+    ("config", "dtype_bytes", "served"),
+    [
+        ({**LLAMA_8B_CONFIG, "num_hidden_layers": 80}, 2, "layers=80, kv_heads=8"),
+        ({**LLAMA_8B_CONFIG, "num_key_value_heads": 2}, 2, "layers=32, kv_heads=2"),
+        ({**LLAMA_8B_CONFIG, "head_dim": 64}, 2, "head_dim=64, dtype_bytes=2"),
+        (LLAMA_8B_CONFIG, 4, "head_dim=128, dtype_bytes=4"),
+    ],
+)
+def test_resolve_profile_refuses_another_shape_naming_both(
+    config: dict[str, int], dtype_bytes: int, served: str
+) -> None:
+    with pytest.raises(ProfileMismatchError) as info:
+        resolve_profile(_profile().to_json(), config, name="served", dtype_bytes=dtype_bytes)
+    message = str(info.value)
+    assert "model llama-8b (shape layers=32, kv_heads=8, head_dim=128, dtype_bytes=2)" in message
+    assert served in message.split("runs served (shape ")[1]
+    assert isinstance(info.value, ValueError)  # the CLI's exit 2
+
+
+def test_resolve_profile_checks_the_device_only_when_given() -> None:
+    data = _profile().to_json()
+    assert resolve_profile(data, LLAMA_8B_CONFIG).device == "cuda"
+    with pytest.raises(ProfileError, match="measured on device 'cuda'"):
+        resolve_profile(data, LLAMA_8B_CONFIG, device="cpu")
+
+
+def test_resolve_profile_estimates_without_a_profile() -> None:
+    estimate = resolve_profile(None, LLAMA_8B_CONFIG, name="served-8b", device="cuda")
+    assert estimate.model == ModelShape("served-8b", 32, 8, 128, 2)
+    assert estimate.source.startswith("roofline estimate")
+    with pytest.raises(ValueError, match="needs the device"):
+        resolve_profile(None, LLAMA_8B_CONFIG)

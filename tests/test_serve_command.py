@@ -150,3 +150,34 @@ def test_below_tiers_the_pins_are_off_unless_a_policy_is_given(tiny_model_dir, p
     assert pin_child["kv_connector_extra_config"]["policy"] == expected
     # The policy serve checks and reports is the one the connector takes.
     assert serve.check_policy(options).startswith(f"retention policy: {expected}")
+
+
+def test_serve_refuses_a_profile_of_another_model_before_vllm_starts(
+    tiny_model_dir, monkeypatch, capsys
+):
+    calls = capture_exec(monkeypatch)
+    code = main(["serve", str(tiny_model_dir), "--profile", "h100-llama-3.1-70b-tp4"])
+    assert code == 2 and calls == []
+    err = capsys.readouterr().err
+    assert "h100-llama-3.1-70b-tp4.json was measured for model llama-3.1-70b-tp4" in err
+    assert "(shape layers=80, kv_heads=2, head_dim=128, dtype_bytes=2)" in err
+    assert f"runs {tiny_model_dir} (shape layers=2, kv_heads=1, head_dim=64" in err
+
+
+def test_serve_checks_the_profile_against_the_dtype_vllm_will_run(tiny_model_dir, capsys):
+    model = str(tiny_model_dir)
+    assert main(["serve", model, "--profile", "cpu-tiny-llama", "--dry-run"]) == 0
+    assert main(["serve", model, "--profile", "cpu-tiny-llama", "--dtype=float32"]) == 2
+    assert "dtype_bytes=4" in capsys.readouterr().err
+    assert serve.served_dtype_bytes(["--dtype", "float32"]) == 4
+    assert serve.served_dtype_bytes(["--dtype", "bfloat16", "--port", "1"]) == 2
+    assert serve.served_dtype_bytes([]) == serve.served_dtype_bytes(["--dtype"]) == 2
+
+
+def test_serve_leaves_the_check_to_the_connector_without_the_models_config(tmp_path, capsys):
+    """A model whose config cannot be read here (no folder, not a hub id): the profile is
+    still read and validated, its shape checked when the engine starts."""
+    missing = str(tmp_path / "no-such-model")
+    assert main(["serve", missing, "--profile", "h100-llama-3.1-70b-tp4", "--dry-run"]) == 0
+    assert "the connector checks the profile" in capsys.readouterr().err
+    assert main(["serve", missing, "--profile", "no-such-profile", "--dry-run"]) == 2

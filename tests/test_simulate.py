@@ -18,9 +18,11 @@ from continuum_tiered.core.profile import (
 )
 from continuum_tiered.core.tier_model import LRUTier, TierStore
 from continuum_tiered.sim.peers import PEERS
-from continuum_tiered.sim.simulate import ReplaySetup, replay
+from continuum_tiered.sim.scheduler_driver import build_vllm_config
+from continuum_tiered.sim.simulate import ReplaySetup, driver_config, replay
 from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram, Turn, write_trace
+from continuum_tiered.vllm.connectors.config import ConnectorOptions
 
 DEPLOYMENT = Deployment()
 
@@ -349,3 +351,15 @@ def test_continuum_plugin_pins_two_seconds_until_it_has_samples(simple_profile):
     _, (plugin,) = replay(PEERS["continuum-plugin"], [a], setup, 1)
     _, (plain,) = replay(PEERS["continuum"], [a], setup, 1)
     assert plugin.holds_pin and not plain.holds_pin
+
+
+def test_the_replay_hands_the_connector_the_profile_it_loaded(simple_profile):
+    """The pin policy's connector gets the replay's profile itself, not its name to read
+    again: a profile that is no file (here one changed after loading) is the one it uses."""
+    setup = ReplaySetup(DEPLOYMENT, simple_profile)
+    loaded = dataclasses.replace(setup.profile(), prefill_coeffs=(0.5, 0.0, 0.0))
+    peer = PEERS["continuum"]
+    config = driver_config(peer, setup, ONE_TURN, loaded)
+    assert config.kv_transfer_config["kv_connector_extra_config"]["profile"] == loaded.to_json()
+    options = ConnectorOptions.from_vllm_config(build_vllm_config(config))
+    assert options.profile == loaded

@@ -2,7 +2,8 @@
 
 Hints a request carries (``hints``), the program table (``programs``), pins (``pins``),
 the per-tool duration model (``tool_durations``), the TTL cost model (``ttl``), the tier
-profile schema (``profile``) and what LMCache's tiers cost to load from (``tier_model``),
-model shapes (``model_shapes``, ``roofline``, ``deployment``), request bodies and API-key
-scoping (``request_body``, ``tenancy``), run metrics and their plots (``metrics``, ``plots``).
+profile schema (``profile``), where a deployment's profile comes from (``profile_source``)
+and what LMCache's tiers cost to load from (``tier_model``), model shapes
+(``model_shapes``, ``roofline``, ``deployment``), request bodies and API-key scoping
+(``request_body``, ``tenancy``), run metrics and their plots (``metrics``, ``plots``).
 """

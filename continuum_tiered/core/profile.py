@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -33,6 +33,15 @@ _T = TypeVar("_T")
 
 class ProfileError(ValueError):
     pass
+
+
+class ProfileMismatchError(ProfileError):
+    """A profile measured for another model shape than the one served."""
+
+
+# A profile as a deployment names it: a built-in name, a file path, or the profile's JSON
+# itself (a caller that already loaded it).
+ProfileRef = str | Mapping[str, object]
 
 
 @dataclass(frozen=True)
@@ -346,7 +355,7 @@ class TierProfile:
         self, label: str, expect_model: ModelShape | None, expect_device: str | None
     ) -> None:
         if expect_model is not None and self.model.shape != expect_model.shape:
-            raise ProfileError(
+            raise ProfileMismatchError(
                 f"{label} was measured for model {self.model.name} "
                 f"(shape {self.model.shape_text()}) but the server runs "
                 f"{expect_model.name} (shape {expect_model.shape_text()})"
@@ -559,6 +568,17 @@ def load_named_profile(
         f"no built-in profile named {name_or_path!r} and no such file; "
         f"built-in profiles: {', '.join(builtin_profile_names())}"
     )
+
+
+def load_profile(
+    ref: ProfileRef,
+    expect_model: ModelShape | None = None,
+    expect_device: str | None = None,
+) -> TierProfile:
+    """:func:`load_named_profile`, or a profile given as its JSON."""
+    if isinstance(ref, Mapping):
+        return TierProfile.from_json(dict(ref), expect_model, expect_device)
+    return load_named_profile(ref, expect_model, expect_device)
 
 
 def default_profile(device: str = "cpu") -> TierProfile:

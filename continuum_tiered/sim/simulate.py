@@ -12,8 +12,8 @@ from vllm.config import VllmConfig
 
 from continuum_tiered.core.deployment import Deployment
 from continuum_tiered.core.metrics import RunSummary, summarize
-from continuum_tiered.core.profile import ModelShape, TierProfile, load_named_profile
-from continuum_tiered.core.roofline import estimated_profile
+from continuum_tiered.core.profile import TierProfile
+from continuum_tiered.core.profile_source import resolve_profile
 from continuum_tiered.core.tier_model import TIER_ORDER
 from continuum_tiered.sim.lmcache_model import CONNECTOR_NAME as LMCACHE_CONNECTOR
 from continuum_tiered.sim.lmcache_model import register as register_lmcache_model
@@ -39,13 +39,8 @@ class ReplaySetup:
         return _model_dir(self.deployment)
 
     def profile(self) -> TierProfile:
-        hf = self.deployment.hf_config()
-        shape = ModelShape.from_hf_config(hf, name=self.deployment.model)
-        if self.profile_ref is None:
-            return estimated_profile(hf, shape, self.deployment.device)
-        return load_named_profile(
-            self.profile_ref, expect_model=shape, expect_device=self.deployment.device
-        )
+        d = self.deployment
+        return resolve_profile(self.profile_ref, d.hf_config(), name=d.model, device=d.device)
 
 
 @cache
@@ -100,8 +95,8 @@ def connector_config(peer: Peer, setup: ReplaySetup, profile: TierProfile) -> di
         extra = {"policy": peer.pin_policy, "device": setup.deployment.device}
         if peer.pin_options:
             extra["policy_options"] = dict(peer.pin_options)
-        if setup.profile_ref is not None:
-            extra["profile"] = setup.profile_ref
+        # The profile itself: the connector neither reads the file again nor estimates.
+        extra["profile"] = profile.to_json()
         configs.append(kv_transfer_config(CONNECTOR_NAME, extra))
     if len(configs) <= 1:
         return configs[0] if configs else None

@@ -14,8 +14,11 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from continuum_tiered.core.profile import TierProfile, default_profile, load_profile
+from continuum_tiered.core.profile_source import resolve_profile
 from continuum_tiered.core.tenancy import SCOPE_MODES
 from continuum_tiered.vllm.plugin import (
     CONNECTOR_NAME,
@@ -232,13 +235,58 @@ def parse_policy_options(items: list[str]) -> dict[str, object]:
     return options
 
 
+def model_hf_config(model: str) -> dict[str, Any] | None:
+    """The ``config.json`` of ``model``: its folder's, else the Hugging Face hub's (which
+    vLLM fetches too); None when neither can be read."""
+    path = Path(model, "config.json")
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model, "config.json"))
+        except (OSError, ValueError):  # offline, no such repository, not a repository id
+            return None
+    return json.loads(path.read_text())
+
+
+def served_dtype_bytes(vllm_args: list[str]) -> int:
+    """Bytes of one KV element as vLLM will run the model: 4 under ``--dtype float32``,
+    else 2 (vLLM's ``auto`` casts a float32 checkpoint down to 16 bits)."""
+    dtype = None
+    for i, arg in enumerate(vllm_args):
+        if arg == "--dtype" and i + 1 < len(vllm_args):
+            dtype = vllm_args[i + 1]
+        elif arg.startswith("--dtype="):
+            dtype = arg.partition("=")[2]
+    return 4 if dtype in ("float32", "float") else 2
+
+
+def served_profile(options: ServeOptions) -> TierProfile:
+    """The profile to check the policy with: ``--profile``, refused here, before vLLM
+    starts, when it was measured for another model shape
+    (:class:`~continuum_tiered.core.profile.ProfileMismatchError`; the connector checks
+    it, and the device, again when the engine starts). Without one, the connector will
+    estimate one, and the default profile stands in."""
+    if not options.profile:
+        return default_profile()
+    hf_config = model_hf_config(options.model)
+    if hf_config is None:
+        print(
+            f"note: cannot read the config of {options.model}; the connector checks the "
+            "profile against the model when the engine starts",
+            file=sys.stderr,
+        )
+        return load_profile(options.profile)
+    dtype_bytes = served_dtype_bytes(options.vllm_args)
+    return resolve_profile(options.profile, hf_config, name=options.model, dtype_bytes=dtype_bytes)
+
+
 def check_policy(options: ServeOptions) -> str:
     """Fail on a bad policy, option or profile now rather than minutes into engine start;
     says which policy the connector will run."""
-    from continuum_tiered.core.profile import default_profile, load_named_profile
     from continuum_tiered.policies import default_policy, make_policy
 
-    profile = load_named_profile(options.profile) if options.profile else default_profile()
+    profile = served_profile(options)
     policy = options.policy or default_policy(options.tiers is not None)
     make_policy(policy, profile, **options.policy_options)
     if options.policy:

@@ -5,6 +5,9 @@ Example::
     --kv-transfer-config '{"kv_connector": "ContinuumConnector", "kv_role": "kv_both",
       "kv_connector_extra_config": {"policy": "continuum", "profile": "h100-llama-3.1-8b"}}'
 
+``profile`` is a built-in profile's name, a profile file's path, or a profile's JSON
+itself (what the virtual-time replay passes: the profile it already loaded).
+
 Unknown keys and bad values stop the engine at start-up with a message naming them:
 a typo in a deployment's config should not silently fall back to defaults.
 """
@@ -16,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from continuum_tiered.core.profile import ModelShape, ProfileError, TierProfile, load_named_profile
-from continuum_tiered.core.roofline import estimated_profile
+from continuum_tiered.core.profile import ProfileError, TierProfile
+from continuum_tiered.core.profile_source import resolve_profile
 from continuum_tiered.policies import DEFAULT_POLICY, POLICIES, make_policy
 from continuum_tiered.policies.base import RetentionPolicy
 
@@ -71,7 +74,7 @@ class ConnectorOptions:
         return cls(
             policy=policy,
             policy_options=policy_options,
-            profile=resolve_profile(
+            profile=connector_profile(
                 extra.get("profile"), vllm_config.model_config, extra.get("device")
             ),
             pressure_reserve_blocks=reserve,
@@ -88,39 +91,37 @@ def _device_type() -> str:
     return "cpu" if current_platform.is_cpu() else "cuda"
 
 
-def resolve_profile(
-    name_or_path: object, model_config: ModelConfig, device: object = None
-) -> TierProfile:
-    """The named profile, checked against the served model; without a name, an estimate.
+def connector_profile(ref: object, model_config: ModelConfig, device: object = None) -> TierProfile:
+    """The profile ``ref`` names (or holds: its JSON), checked against the served model;
+    without one, an estimate.
 
     A profile measured for another model or device gives wrong TTLs, so a mismatch is an
     error rather than a warning.
     """
-    hf_config = model_config.hf_text_config.to_dict()
-    shape = ModelShape.from_hf_config(
-        hf_config,
-        dtype_bytes=model_config.dtype.itemsize,
-        name=str(model_config.model),
-    )
     if device is None:
         device = _device_type()
     elif device not in ("cpu", "cuda"):
         raise ConnectorConfigError(
             f"ContinuumConnector: device must be cpu or cuda, not {device!r}"
         )
-    if name_or_path is None:
+    if ref is None:
         logger.warning(
             "ContinuumConnector: no tier profile given; using a roofline estimate for %s on "
             "%s. Measure one with `continuum-tiered profile` and pass it as 'profile'.",
-            shape.name,
+            model_config.model,
             device,
         )
-        return estimated_profile(hf_config, shape, device)
-    if not isinstance(name_or_path, str):
+    elif not isinstance(ref, str | dict):
         raise ConnectorConfigError(
-            f"ContinuumConnector: profile must be a name or a path, got {name_or_path!r}"
+            f"ContinuumConnector: profile must be a name, a path or a profile, got {ref!r}"
         )
     try:
-        return load_named_profile(name_or_path, expect_model=shape, expect_device=device)
+        return resolve_profile(
+            ref,
+            model_config.hf_text_config.to_dict(),
+            name=str(model_config.model),
+            dtype_bytes=model_config.dtype.itemsize,
+            device=device,
+        )
     except ProfileError as err:
         raise ConnectorConfigError(f"ContinuumConnector: {err}") from err
