@@ -23,7 +23,18 @@ ALLOWED: dict[str, set[str]] = {
     "vllm": {"core", "policies"},
     "replay": {"core", "client", "traces"},
     "sim": {"core", "policies", "traces", "vllm"},
-    "lab": {"core", "policies", "traces", "client", "profiling", "vllm", "replay", "sim"},
+    "cluster": {"core", "client", "vllm"},
+    "lab": {
+        "core",
+        "policies",
+        "traces",
+        "client",
+        "profiling",
+        "vllm",
+        "replay",
+        "sim",
+        "cluster",
+    },
 }
 
 

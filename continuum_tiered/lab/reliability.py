@@ -28,7 +28,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from continuum_tiered.lab.server_process import ServerProcess, free_port, prometheus_samples
+from continuum_tiered.core.net import free_port
+from continuum_tiered.lab.server_process import ServerProcess, prometheus_samples
 
 # Process titles vLLM gives its engine processes (setproctitle).
 ENGINE_CORE_TITLE = "VLLM::EngineCore"
