@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis.stateful import get_state_machine_test
 from tqdm import tqdm
 
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.lab.scheduler_fuzz import (
     REPRO_PRELUDE,
     VIOLATIONS,
@@ -37,7 +38,6 @@ from continuum_tiered.lab.scheduler_fuzz import (
     Variant,
     quiet_logs,
 )
-from continuum_tiered.lab.tiny_model import write_tiny_llama
 from continuum_tiered.policies import DEFAULT_POLICY, POLICIES
 
 

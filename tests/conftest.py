@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from continuum_tiered.lab.tiny_model import write_tiny_llama
+from continuum_tiered.core.tiny_model import write_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from continuum_tiered.lab.server_process import (
+from continuum_tiered.core.server_process import (
     ServerProcess,
     plugin_server_command,
     prometheus_samples,

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from continuum_tiered.core.profile import load_named_profile
+from continuum_tiered.core.server_process import BLOCK_SIZE
 from continuum_tiered.lab import demo
 from continuum_tiered.lab.cli import (
     engine_for,
@@ -41,7 +42,6 @@ from continuum_tiered.lab.experiment import (
     wait_for_quiet_machine,
 )
 from continuum_tiered.lab.report import ratios_to_baseline, write_report
-from continuum_tiered.lab.server_process import BLOCK_SIZE
 from continuum_tiered.replay.runner import ProgramRecord, TurnRecord, summarize_records
 from continuum_tiered.vllm.tiers import Tiers
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from continuum_tiered.cli import main
+from continuum_tiered.core.server_process import tiny_engine_flags, tiny_max_model_len
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.lab.experiment import DEMO_SHAPE, check_cpu_pool
-from continuum_tiered.lab.server_process import tiny_engine_flags, tiny_max_model_len
-from continuum_tiered.lab.tiny_model import write_tiny_llama
 from continuum_tiered.traces.model import TraceProgram, Turn
 
 

@@ -25,14 +25,14 @@ from continuum_tiered.client.agent_program import program_priority
 from continuum_tiered.client.proxy.app import ProxyOptions, add_program_fields, create_app
 from continuum_tiered.client.proxy.programs import ProgramRegistry, program_identity
 from continuum_tiered.core.request_body import BodyError
-from continuum_tiered.core.tenancy import api_key_scope, scoped_program_id
-from continuum_tiered.lab.server_process import (
+from continuum_tiered.core.server_process import (
     BLOCK_SIZE,
     ServerProcess,
     free_port,
     plugin_server_command,
     prometheus_samples,
 )
+from continuum_tiered.core.tenancy import api_key_scope, scoped_program_id
 
 NUM_BLOCKS = 64
 HEADER = "X-Program-Id"

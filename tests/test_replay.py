@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from continuum_tiered.cli import main
-from continuum_tiered.lab.server_process import (
+from continuum_tiered.core.server_process import (
     ServerProcess,
     plugin_server_command,
     prometheus_samples,

@@ -39,7 +39,7 @@ import httpx
 import pytest
 
 from continuum_tiered.core.profile import Tier, load_named_profile
-from continuum_tiered.lab.server_process import (
+from continuum_tiered.core.server_process import (
     ServerProcess,
     plugin_server_command,
     prometheus_samples,

@@ -6,4 +6,6 @@ profile schema (``profile``), where a deployment's profile comes from (``profile
 and what LMCache's tiers cost to load from (``tier_model``), model shapes
 (``model_shapes``, ``roofline``, ``deployment``), request bodies and API-key scoping
 (``request_body``, ``tenancy``), run metrics and their plots (``metrics``, ``plots``).
+Below every tool that starts processes: free ports (``net``), a server child process run
+until healthy (``server_process``) and the tiny random Llama of the CPU runs (``tiny_model``).
 """

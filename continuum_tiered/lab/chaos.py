@@ -2,7 +2,7 @@
 upstream fail under running agent programs.
 
 Method. Each scenario starts its own ``continuum-tiered serve --tiers`` (tiny random Llama
-of :mod:`continuum_tiered.lab.tiny_model`, default policy unless ``--policy``, a small KV pool
+of :mod:`continuum_tiered.core.tiny_model`, default policy unless ``--policy``, a small KV pool
 and CPU tier so that turns come back from LMCache's CPU and disk tiers) and runs the same
 multi-turn programs against it: each turn's prompt is the previous prompt, the previous
 reply's token ids and fresh ids; greedy decoding (temperature 0, seed 0, ``max_tokens``
@@ -56,6 +56,12 @@ from pathlib import Path
 
 import httpx
 
+from continuum_tiered.core.server_process import (
+    free_port,
+    plugin_server_command,
+    vanilla_server_command,
+)
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.lab.reliability import (
     PREFIX_SOURCES,
     Comparison,
@@ -66,12 +72,6 @@ from continuum_tiered.lab.reliability import (
     log_problems,
     process_group_members,
 )
-from continuum_tiered.lab.server_process import (
-    free_port,
-    plugin_server_command,
-    vanilla_server_command,
-)
-from continuum_tiered.lab.tiny_model import write_tiny_llama
 from continuum_tiered.vllm.tiers import DISK_SUBDIR
 
 SCENARIOS = ("control", "disk-deleted", "disk-full", "server-killed", "proxy-upstream-gone")

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.lab.experiment import (
     CPU_KV_BLOCKS,
     CPU_TIERS,
@@ -42,7 +43,6 @@ from continuum_tiered.lab.report import (
     run_table,
     write_report,
 )
-from continuum_tiered.lab.tiny_model import write_tiny_llama
 
 
 def experiment_parser(description: str, default_out: Path) -> argparse.ArgumentParser:

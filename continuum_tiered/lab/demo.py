@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from continuum_tiered.core.plots import pyplot
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.lab.experiment import (
     BOUND,
     CONTINUUM_TIERED,
@@ -42,7 +43,6 @@ from continuum_tiered.lab.experiment import (
     run_experiment,
     vllm_bound,
 )
-from continuum_tiered.lab.tiny_model import write_tiny_llama
 from continuum_tiered.traces.arrivals import with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.traces.swebench import SwebenchOptions, load_swebench

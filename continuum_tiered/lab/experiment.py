@@ -33,7 +33,7 @@ import psutil
 from tqdm import tqdm
 
 from continuum_tiered.core.metrics import RunSummary
-from continuum_tiered.lab.server_process import (
+from continuum_tiered.core.server_process import (
     BLOCK_SIZE,
     MIN_KV_BLOCKS,
     ServerProcess,
@@ -42,7 +42,7 @@ from continuum_tiered.lab.server_process import (
     tiny_engine_flags,
     vllm_command,
 )
-from continuum_tiered.lab.tiny_model import TinyLlamaShape
+from continuum_tiered.core.tiny_model import TinyLlamaShape
 from continuum_tiered.replay.runner import (
     ProgramRecord,
     RunnerOptions,

@@ -92,6 +92,12 @@ from continuum_tiered.core.deployment import Deployment
 from continuum_tiered.core.metrics import RunSummary
 from continuum_tiered.core.plots import pyplot
 from continuum_tiered.core.profile import TierProfile
+from continuum_tiered.core.server_process import (
+    ServerProcess,
+    plugin_server_command,
+    prometheus_samples,
+)
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.lab.experiment import DEMO_SHAPE
 from continuum_tiered.lab.in_process_replay import (
     InProcessSetup,
@@ -99,12 +105,6 @@ from continuum_tiered.lab.in_process_replay import (
     served_engine,
     timed_request,
 )
-from continuum_tiered.lab.server_process import (
-    ServerProcess,
-    plugin_server_command,
-    prometheus_samples,
-)
-from continuum_tiered.lab.tiny_model import write_tiny_llama
 from continuum_tiered.profiling import cli as profiling_cli
 from continuum_tiered.replay.runner import (
     ProgramRecord,

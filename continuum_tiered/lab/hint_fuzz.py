@@ -2,7 +2,7 @@
 answered 400 naming the problem, or served; never a 5xx; no KV block left behind.
 
 Method. One server on vLLM's CPU build: the tiny random Llama of
-:mod:`continuum_tiered.lab.tiny_model`, the default retention policy (whose TTLs on a model
+:mod:`continuum_tiered.core.tiny_model`, the default retention policy (whose TTLs on a model
 this small are 0: ``--policy static-ttl`` makes pins to check for leaks), a KV pool of
 ``--kv-blocks`` blocks, the hint-checking middleware (``--scope-programs api-key``: the
 scoping one), and a one-line chat template so that ``/v1/chat/completions`` serves too.
@@ -55,14 +55,14 @@ from continuum_tiered.core.request_body import (
     load_json_object,
     request_error,
 )
+from continuum_tiered.core.server_process import ServerProcess, plugin_server_command
+from continuum_tiered.core.tiny_model import TinyLlamaShape, write_tiny_llama
 from continuum_tiered.lab.reliability import (
     format_problems,
     kv_state,
     log_problems,
     wait_for_pins_gone,
 )
-from continuum_tiered.lab.server_process import ServerProcess, plugin_server_command
-from continuum_tiered.lab.tiny_model import TinyLlamaShape, write_tiny_llama
 
 PATHS = ("/v1/completions", "/v1/chat/completions")
 MODEL = "tiny"

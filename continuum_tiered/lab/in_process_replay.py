@@ -44,7 +44,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.llm_engine import LLMEngine
 
 from continuum_tiered.core.hints import ProgramHints
-from continuum_tiered.lab.server_process import BLOCK_SIZE, tiny_max_model_len
+from continuum_tiered.core.server_process import BLOCK_SIZE, tiny_max_model_len
 from continuum_tiered.replay.runner import ProgramRecord, TurnRecord
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.vllm.serve import ServeOptions, cpu_core_reservation

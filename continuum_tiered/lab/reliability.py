@@ -1,7 +1,7 @@
 """Shared pieces of the reliability benchmarks (``experiments/soak.py``, ``experiments/chaos.py``).
 
-- :class:`PinnedPortServer`: a :class:`~continuum_tiered.lab.server_process.ServerProcess` on a port
-  chosen once, so that a server killed mid-run can be started again at the same URL.
+- :class:`PinnedPortServer`: a :class:`~continuum_tiered.core.server_process.ServerProcess`
+  on a port chosen once, so that a server killed mid-run can be started again at the same URL.
 - :func:`engine_processes` / :class:`RssSampler`: the server's API, EngineCore (the
   scheduler) and Worker processes, and their resident memory over a run.
 - :func:`kv_state` / :func:`tick`: the KV blocks and pins the server reports on
@@ -29,7 +29,7 @@ import httpx
 import psutil
 
 from continuum_tiered.core.net import free_port
-from continuum_tiered.lab.server_process import ServerProcess, prometheus_samples
+from continuum_tiered.core.server_process import ServerProcess, prometheus_samples
 
 # Process titles vLLM gives its engine processes (setproctitle).
 ENGINE_CORE_TITLE = "VLLM::EngineCore"

@@ -106,7 +106,7 @@ from vllm.v1.request import RequestStatus
 from continuum_tiered.lab.scheduler_fuzz import (
     SYSTEM, FuzzSetup, Variant, hints, new_driver, steps, tokens,
 )
-from continuum_tiered.lab.tiny_model import write_tiny_llama
+from continuum_tiered.core.tiny_model import write_tiny_llama
 setup = FuzzSetup.build(write_tiny_llama(Path(tempfile.mkdtemp())), {variant!r})
 """
 

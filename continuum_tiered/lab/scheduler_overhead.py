@@ -52,7 +52,7 @@ from vllm.v1.request import Request
 
 from continuum_tiered.core.hints import ProgramHints
 from continuum_tiered.core.pins import ReleaseReason
-from continuum_tiered.lab.tiny_model import write_tiny_llama
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.policies import POLICIES
 from continuum_tiered.sim.scheduler_driver import (
     DriverConfig,

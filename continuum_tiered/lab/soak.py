@@ -2,7 +2,7 @@
 ``continuum-tiered serve --tiers`` on vLLM's CPU build, and whether the server comes back
 to where it started.
 
-Method. One server, the tiny random Llama of :mod:`continuum_tiered.lab.tiny_model`, the
+Method. One server, the tiny random Llama of :mod:`continuum_tiered.core.tiny_model`, the
 default retention policy and profile (unless ``--policy`` / ``--profile`` say otherwise),
 a small KV pool (``--kv-blocks``) and LMCache tiers of ``--cpu-tier`` and ``--disk-tier``
 (the disk tier in a temporary folder, removed at the end). The programs are BFCL v4
@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from continuum_tiered.core.server_process import ServerProcess, plugin_server_command
+from continuum_tiered.core.tiny_model import write_tiny_llama
 from continuum_tiered.lab.reliability import (
     PIN_COUNTERS,
     PREFIX_SOURCES,
@@ -49,8 +51,6 @@ from continuum_tiered.lab.reliability import (
     usage_of,
     wait_for_pins_gone,
 )
-from continuum_tiered.lab.server_process import ServerProcess, plugin_server_command
-from continuum_tiered.lab.tiny_model import write_tiny_llama
 from continuum_tiered.traces.arrivals import load_named_trace
 from continuum_tiered.traces.model import TraceProgram, write_trace
 

@@ -2,7 +2,7 @@
 by recomputing it, on vLLM's CPU build, in one run.
 
 Method. One ``continuum-tiered serve --tiers`` server (tiny random Llama of
-``continuum_tiered.lab.tiny_model``, 512 bytes of KV a token; pins with a static TTL;
+``continuum_tiered.core.tiny_model``, 512 bytes of KV a token; pins with a static TTL;
 LMCache CPU tier of ``CPU_TIER_TOKENS`` tokens and a disk tier under a temporary directory).
 For each prefix length N, a program sends turn 0 (N tokens) and then turn 1 (its prefix,
 turn 0's output and 32 new tokens, one output token); the time of turn 1's request is the
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import httpx
 
-from continuum_tiered.lab.server_process import (
+from continuum_tiered.core.server_process import (
     ServerProcess,
     plugin_server_command,
     prometheus_samples,
 )
-from continuum_tiered.lab.tiny_model import TinyLlamaShape, write_tiny_llama
+from continuum_tiered.core.tiny_model import TinyLlamaShape, write_tiny_llama
 
 SOURCES = ("pin", "cpu", "disk", "recompute")
 COUNTER_OF = {"pin": "gpu", "cpu": "cpu", "disk": "disk", "recompute": "recompute"}

@@ -1,0 +1,75 @@
+"""A tiny random Llama on disk, so the CPU build of vLLM runs end to end without downloads.
+
+vLLM's CPU attention backend rejects head_dim < 64 and needs a block size that is a
+multiple of 32 (docs/architecture.md, 'vLLM CPU build'); everything else is kept as small
+as it can be.
+Weights are not written: engines load it with ``load_format="dummy"`` (random weights).
+A WordLevel tokenizer over the words ``w0 .. w{vocab-1}`` is saved beside the config so the
+OpenAI server can detokenize replies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TinyLlamaShape:
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 64
+    vocab_size: int = 512
+    max_position_embeddings: int = 8192
+
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def hf_config(shape: TinyLlamaShape) -> dict[str, object]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **asdict(shape),
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def write_tiny_llama(directory: str | Path, shape: TinyLlamaShape | None = None) -> Path:
+    """Write config.json and a WordLevel tokenizer to ``directory``; return the directory."""
+    shape = shape or TinyLlamaShape()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
+    _write_tokenizer(out, shape.vocab_size)
+    return out
+
+
+def _write_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [*SPECIAL_TOKENS, *(f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS)))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "unk_token": "<unk>",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "model_max_length": 1_000_000,
+            }
+        )
+    )
