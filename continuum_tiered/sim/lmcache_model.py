@@ -22,6 +22,9 @@ side stream, off the step's critical path. Not modelled: that connector delays f
 finished request's blocks until their store is done (a store takes a fraction of a step
 at PCIe rates).
 
+In a cluster replay a replica's tiers can have the cluster's shared tier below them
+(:mod:`.shared_tier`, bound with ``bind_shared_tier``).
+
 ``SimLMCacheConnector`` is a scheduler-side vLLM connector; the replay composes it with
 ``ContinuumConnector`` through vLLM's ``MultiConnector`` as a deployment would, and binds
 it to the ``ContinuumConnector`` as its ``TierLink`` (on the replay's clock).
@@ -40,6 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from continuum_tiered.core.profile import Tier
 from continuum_tiered.core.tier_model import LoadCost, TierStore
+from continuum_tiered.sim.shared_tier import SHARED_TIER, SharedTier
 from continuum_tiered.sim.tier_links import DiskWriteQueue, LinkFigures, StoreStats, duplex_s
 from continuum_tiered.vllm.connectors.scheduler_only import SchedulerOnlyConnector
 
@@ -105,6 +109,15 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         self._loads = Counter[str]()  # blocks to load in the coming step, by tier
         self._stores: list[Hashable] = []  # blocks stored in the coming step
         self.stats = StoreStats()
+        self.shared: SharedTier | None = None  # a cluster's tier below the disk
+        self.replica = 0
+
+    def bind_shared_tier(self, shared: SharedTier, replica: int) -> None:
+        """Below this replica's disk, the cluster's shared tier (LMCache's remote backend):
+        lookups go on in it, stores go to it too, loads from it are priced like any tier."""
+        self.shared = shared
+        self.replica = replica
+        self.tiers[SHARED_TIER] = shared.tier  # the mapping the cost-aware decision prices
 
     # ------------------------------------------------- the TierLink, and its clock
 
@@ -133,17 +146,23 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         if disk is not None:
             disk.settle(now)
         disk_read_s = self._disk_read_s(load_bytes.get("disk", 0), now)
+        # A shared-tier hit crosses the network into host memory first, as a disk hit.
+        below_host_s = disk_read_s
+        if self.shared is not None:
+            below_host_s += self.shared.read_s(load_bytes.get(SHARED_TIER, 0))
         h2d = sum(load_bytes.values())
         links = self.links
         latency = links.pcie_latency_s if h2d or store_bytes else 0.0
         if self.layerwise:
-            transfer = max(disk_read_s, duplex_s(h2d, store_bytes, links) + latency)
+            transfer = max(below_host_s, duplex_s(h2d, store_bytes, links) + latency)
             seconds = max(compute_s, transfer) + min(compute_s, transfer) / self.num_layers
         else:
-            seconds = compute_s + disk_read_s + h2d / links.h2d + store_bytes / links.d2h + latency
+            seconds = compute_s + below_host_s + h2d / links.h2d + store_bytes / links.d2h + latency
         if disk is not None:
             disk.yield_to_read(now, disk_read_s)
             disk.submit(now + seconds, self._stores, self.block_bytes)
+        if self.shared is not None:
+            self.shared.put(self.replica, now + seconds, self._stores)
         self._stores.clear()
         return seconds
 
@@ -200,11 +219,14 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         """The tiers of the leading keys a lookup finds; a disk copy still being written
         is not found yet."""
         found = self.store.lookup(keys)
-        if self.disk_writes is None:
-            return found
-        for i, tier in enumerate(found):
-            if tier == "disk" and self.disk_writes.is_pending(keys[i]):
-                return found[:i]
+        if self.disk_writes is not None:
+            for i, tier in enumerate(found):
+                if tier == "disk" and self.disk_writes.is_pending(keys[i]):
+                    found = found[:i]
+                    break
+        if self.shared is not None:
+            rest = keys[len(found) :]
+            found += [SHARED_TIER] * self.shared.readable_prefix(rest, self.now())
         return found
 
     def update_state_after_alloc(
@@ -219,10 +241,15 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
             self._load_async(request.request_id, len(found) * self.block_bytes)
         else:
             self._loads.update(found)
-        # Loaded blocks become the CPU tier's most recent (disk hits are promoted). A block
-        # may have moved since the lookup (another request's promotion pushed it down).
-        for key in request.block_hashes[start : start + len(found)]:
+        # Loaded blocks become the CPU tier's most recent (disk and shared-tier hits are
+        # promoted). A block may have moved since the lookup (another request's promotion
+        # pushed it down).
+        keys = request.block_hashes[start : start + len(found)]
+        for key in keys:
             self.store.store(key)
+        if self.shared is not None:
+            remote = [k for k, tier in zip(keys, found, strict=True) if tier == SHARED_TIER]
+            self.shared.loaded(remote)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """Store the blocks this step completes (``num_computed_tokens`` has not moved yet)."""

@@ -22,7 +22,7 @@ class ProgramRun:
     block_hashes: list = field(default_factory=list)  # of the last finished turn
     turn: int = 0
     attained_s: float = 0.0  # GPU time of steps it was part of (Autellix's service)
-    start_s: float = 0.0
+    start_s: float | None = None  # when its first turn reached a replica
     end_s: float | None = None
     queue_s: float = 0.0
     prompt_tokens: int = 0
@@ -31,11 +31,10 @@ class ProgramRun:
 
     @property
     def jct_s(self) -> float:
-        assert self.end_s is not None
-        return self.end_s - self.start_s
+        return self.outcome().jct_s
 
     def outcome(self) -> ProgramOutcome:
-        assert self.end_s is not None
+        assert self.start_s is not None and self.end_s is not None
         turns = len(self.program.turns)
         return ProgramOutcome(
             self.start_s, self.end_s, turns, self.queue_s, self.prompt_tokens, self.hit_tokens

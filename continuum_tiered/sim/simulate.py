@@ -14,18 +14,21 @@ from continuum_tiered.core.deployment import Deployment
 from continuum_tiered.core.metrics import RunSummary, summarize
 from continuum_tiered.core.profile import TierProfile
 from continuum_tiered.core.profile_source import resolve_profile
-from continuum_tiered.core.tier_model import TIER_ORDER
 from continuum_tiered.sim.lmcache_model import CONNECTOR_NAME as LMCACHE_CONNECTOR
 from continuum_tiered.sim.lmcache_model import register as register_lmcache_model
 from continuum_tiered.sim.peers import QUEUE_ORDERS, Peer
 from continuum_tiered.sim.program_run import ProgramRun
 from continuum_tiered.sim.scheduler_driver import DriverConfig, SchedulerDriver, build_vllm_config
 from continuum_tiered.sim.step_time import StepTimeModel
-from continuum_tiered.sim.tier_links import LinkFigures
-from continuum_tiered.sim.virtual_engine import VirtualEngine
+from continuum_tiered.sim.tier_links import LinkFigures, StoreStats
+from continuum_tiered.sim.virtual_engine import Arrivals, Replicas, VirtualEngine
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.vllm.plugin import CONNECTOR_NAME
 from continuum_tiered.vllm.serve import kv_transfer_config
+
+# The tiers a replica's LMCache keeps itself, nearest first (a cluster's shared tier is
+# :mod:`.shared_tier`'s).
+LOCAL_TIERS = ("cpu", "disk")
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def connector_config(peer: Peer, setup: ReplaySetup, profile: TierProfile) -> di
     configs: list[dict[str, Any]] = []
     if peer.lmcache:
         d = setup.deployment
-        missing = [t for t in TIER_ORDER if t not in profile.tiers]
+        missing = [t for t in LOCAL_TIERS if t not in profile.tiers]
         if missing:
             raise ValueError(
                 f"policy {peer.name} needs the profile's {' and '.join(missing)} tier(s); "
@@ -72,7 +75,7 @@ def connector_config(peer: Peer, setup: ReplaySetup, profile: TierProfile) -> di
             )
         tiers = {
             t: [profile.tiers[t].bandwidth_bytes_per_s, profile.tiers[t].latency_s]
-            for t in TIER_ORDER
+            for t in LOCAL_TIERS
         }
         links = LinkFigures.from_tiers(
             profile.tiers["cpu"], profile.tiers["disk"], profile.host_memcpy_bytes_per_s
@@ -157,6 +160,16 @@ def _replay_once(
     jps: float,
     on_program_done,
 ) -> tuple[RunSummary, list[ProgramRun]]:
+    engine = build_engine(peer, setup, programs)
+    arrivals = Arrivals(programs)
+    Replicas([engine], arrivals, lambda _run, live: live[0]).run(on_program_done)
+    return summarize_engines(peer.name, jps, arrivals.runs, [engine]), arrivals.runs
+
+
+def build_engine(
+    peer: Peer, setup: ReplaySetup, programs: list[TraceProgram], replica: int = 0
+) -> VirtualEngine:
+    """One replica of ``peer``'s deployment, sized for ``programs``."""
     register_lmcache_model()
     profile = setup.profile()
     cfg = driver_config(peer, setup, programs, profile)
@@ -164,18 +177,30 @@ def _replay_once(
     if key not in _VLLM_CONFIGS:  # building one takes seconds; loads reuse it
         _VLLM_CONFIGS[key] = build_vllm_config(cfg)
     driver = SchedulerDriver(cfg, _VLLM_CONFIGS[key])
-    engine = VirtualEngine(
+    return VirtualEngine(
         driver,
         StepTimeModel.from_profile(profile, setup.deployment.hf_config()),
-        programs,
         peer.hooks,
         vocab_size=setup.deployment.hf_config()["vocab_size"],
         seed=setup.seed,
         request_overhead_s=profile.engine.request_overhead_s if profile.engine else 0.0,
+        replica=replica,
     )
-    runs = engine.run(on_program_done)
-    summary = summarize(peer.name, jps, [r.outcome() for r in runs])
-    mean_kv = engine.kv_block_seconds / engine.busy_s if engine.busy_s else 0.0
-    stores = engine.lmcache.store_stats().to_json() if engine.lmcache is not None else None
-    pins = engine.pin_connector.pins.pins_created if engine.pin_connector is not None else None
-    return replace(summary, mean_kv_blocks=mean_kv, stores=stores, pins_created=pins), runs
+
+
+def summarize_engines(
+    policy: str, jps: float, runs: list[ProgramRun], engines: list[VirtualEngine]
+) -> RunSummary:
+    """The programs' summary, with what the engines saw: KV blocks held per engine over
+    its busy time, LMCache's stores and the pins made, summed over the engines."""
+    summary = summarize(policy, jps, [r.outcome() for r in runs])
+    busy_s = sum(e.busy_s for e in engines)
+    mean_kv = sum(e.kv_block_seconds for e in engines) / busy_s if busy_s else 0.0
+    stores = [e.lmcache.store_stats() for e in engines if e.lmcache is not None]
+    pins = [e.pin_connector.pins.pins_created for e in engines if e.pin_connector is not None]
+    return replace(
+        summary,
+        mean_kv_blocks=mean_kv,
+        stores=StoreStats.combined(stores).to_json() if stores else None,
+        pins_created=sum(pins) if pins else None,
+    )

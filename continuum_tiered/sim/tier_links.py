@@ -24,7 +24,7 @@ pass and stores after it, so they do not overlap.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 from continuum_tiered.core.profile import Tier
@@ -110,6 +110,16 @@ class DiskWriteQueue:
     def is_pending(self, key: Hashable) -> bool:
         return key in self._pending
 
+    def done_at(self, key: Hashable) -> float:
+        """When the pending write of ``key`` is done."""
+        return self._pending[key]
+
+    def drop_pending(self) -> list[Hashable]:
+        """Abandon the writes not done (the writer is gone); their keys."""
+        keys = list(self._pending)
+        self._pending.clear()
+        return keys
+
     @property
     def pending_blocks(self) -> int:
         return len(self._pending)
@@ -132,6 +142,19 @@ class StoreStats:
     disk_blocks_written: int = 0
     disk_write_delay_mean_s: float = 0.0
     disk_write_delay_max_s: float = 0.0
+
+    @classmethod
+    def combined(cls, stats: Sequence[StoreStats]) -> StoreStats:
+        """Several replicas' stores as one: counts summed, delays over all disk writes."""
+        written = sum(s.disk_blocks_written for s in stats)
+        delay_sum = sum(s.disk_write_delay_mean_s * s.disk_blocks_written for s in stats)
+        return cls(
+            blocks_stored=sum(s.blocks_stored for s in stats),
+            blocks_dropped=sum(s.blocks_dropped for s in stats),
+            disk_blocks_written=written,
+            disk_write_delay_mean_s=delay_sum / written if written else 0.0,
+            disk_write_delay_max_s=max((s.disk_write_delay_max_s for s in stats), default=0.0),
+        )
 
     def to_json(self) -> dict[str, float]:
         return dict(self.__dict__)

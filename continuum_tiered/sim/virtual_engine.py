@@ -19,6 +19,7 @@ the previous one finished.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -42,15 +43,19 @@ STOP_TOKEN = 2  # prompts and other outputs use token ids from 3 up
 
 
 class VirtualEngine:
+    """One replica: vLLM's scheduler with its connectors, on its own clock. Turns are
+    handed to it by ``submit``; ``advance`` runs one iteration of the engine core's loop
+    and returns the turns that finished in it."""
+
     def __init__(
         self,
         driver: SchedulerDriver,
         step_time: StepTimeModel,
-        programs: list[TraceProgram],
         hooks: ReplayHooks,
         vocab_size: int,
         seed: int = 0,
         request_overhead_s: float = 0.0,
+        replica: int = 0,
     ):
         self.driver = driver
         self.scheduler = driver.scheduler
@@ -60,15 +65,10 @@ class VirtualEngine:
         self.now = 0.0
         self.seed = seed
         self.request_overhead_s = request_overhead_s
+        self.replica = replica
         self.busy_s = 0.0  # virtual time spent in steps
         self.kv_block_seconds = 0.0  # blocks held (by requests or pins) integrated over steps
-        ordered = sorted(programs, key=lambda p: p.arrival_s)
-        self.runs = [ProgramRun(p, seq) for seq, p in enumerate(ordered)]
-        self._events: list[tuple[float, int, int]] = [
-            (p.arrival_s, seq, seq) for seq, p in enumerate(ordered)
-        ]
-        heapq.heapify(self._events)
-        self._tiebreak = len(programs)
+        self._idle_steps = 0
         self._by_request: dict[str, ProgramRun] = {}
         self._requests: dict[str, Request] = {}
         self._waiting_since: dict[str, float] = {}
@@ -91,42 +91,65 @@ class VirtualEngine:
             return []
         return connector.sub_connectors if isinstance(connector, MultiConnector) else [connector]
 
+    # ------------------------------------------------------- what a router sees
+
+    def busy(self) -> bool:
+        return self.scheduler.has_requests() or self.driver.steps_in_flight > 0
+
+    def load(self) -> int:
+        """Requests running or waiting."""
+        return self.scheduler.get_num_unfinished_requests()
+
+    def held_prefix_blocks(self, block_hashes: list) -> int:
+        """Leading blocks of a prompt this replica holds: in its GPU prefix cache (pinned,
+        in use or evictable) or in its own LMCache tiers."""
+        pool = self.driver.block_pool
+        local = self.lmcache.store if self.lmcache is not None else None
+        held = 0
+        for key in block_hashes:
+            on_gpu = pool.get_cached_block(key, [0]) is not None
+            if not (on_gpu or (local is not None and (key in local.cpu or key in local.disk))):
+                break
+            held += 1
+        return held
+
+    def serving(self) -> list[ProgramRun]:
+        """The programs whose current turn this replica holds, running or waiting."""
+        return list(self._by_request.values())
+
     # ------------------------------------------------------------------ loop
 
-    def run(self, on_program_done: Callable[[], None] = lambda: None) -> list[ProgramRun]:
+    def advance(self, next_event_s: float | None) -> list[tuple[ProgramRun, float]]:
+        """One iteration of the engine core's loop (``busy()`` must hold): the turns that
+        finished in it, each with when its program sees the reply. ``next_event_s``:
+        when something next arrives; a replica that cannot run anything waits for it."""
         scheduler, driver = self.scheduler, self.driver
-        idle_steps = 0
-        while self._events or scheduler.has_requests() or driver.steps_in_flight:
-            self._submit_due()
-            if not scheduler.has_requests():
-                if driver.steps_in_flight:  # the engine core only waits for it
-                    done = driver.oldest_in_flight()
-                    self._complete(done, self._seconds_in_flight.popleft(), on_program_done)
-                else:
-                    self.now = max(self.now, self._events[0][0])
-                continue
-            step = self._schedule()
-            if (done := driver.advance(step)) is not None:
-                self._complete(done, self._seconds_in_flight.popleft(), on_program_done)
-            if step.output.total_num_scheduled_tokens:
-                idle_steps = 0
-                continue
-            idle_steps += 1
-            if not scheduler.get_num_unfinished_requests() or idle_steps <= MAX_IDLE_STEPS:
-                # A step can schedule nothing while a preemption or a pin release
-                # settles; the next one runs. Time only moves when nothing does.
-                continue
-            next_s = self._next_event_s()
-            if next_s is None:
-                waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
-                raise RuntimeError(
-                    f"replay stalled at {self.now:.1f} s: nothing can run; waiting "
-                    f"{waiting[:5]}, running {len(scheduler.running)}, free blocks "
-                    f"{driver.block_pool.get_num_free_blocks()}"
-                )
-            self.now = max(self.now, next_s)
-            idle_steps = 0  # what happens then (a load reported) needs its own steps
-        return self.runs
+        finished: list[tuple[ProgramRun, float]] = []
+        if not scheduler.has_requests():  # the engine core only waits for a step in flight
+            self._complete(driver.oldest_in_flight(), self._seconds_in_flight.popleft(), finished)
+            return finished
+        step = self._schedule()
+        if (done := driver.advance(step)) is not None:
+            self._complete(done, self._seconds_in_flight.popleft(), finished)
+        if step.output.total_num_scheduled_tokens:
+            self._idle_steps = 0
+            return finished
+        self._idle_steps += 1
+        if not scheduler.get_num_unfinished_requests() or self._idle_steps <= MAX_IDLE_STEPS:
+            # A step can schedule nothing while a preemption or a pin release
+            # settles; the next one runs. Time only moves when nothing does.
+            return finished
+        next_s = self._next_event_s(next_event_s)
+        if next_s is None:
+            waiting = [(r.request_id, r.num_tokens, r.status) for r in scheduler.waiting]
+            raise RuntimeError(
+                f"replay stalled at {self.now:.1f} s: nothing can run; waiting "
+                f"{waiting[:5]}, running {len(scheduler.running)}, free blocks "
+                f"{driver.block_pool.get_num_free_blocks()}"
+            )
+        self.now = max(self.now, next_s)
+        self._idle_steps = 0  # what happens then (a load reported) needs its own steps
+        return finished
 
     def _schedule(self) -> ScheduledStep:
         """Schedule a step and price it; it runs once the steps in flight are done."""
@@ -142,29 +165,29 @@ class VirtualEngine:
         self._seconds_in_flight.append(seconds)
         return step
 
-    def _complete(self, step: ScheduledStep, seconds: float, on_program_done) -> None:
+    def _complete(
+        self, step: ScheduledStep, seconds: float, finished: list[tuple[ProgramRun, float]]
+    ) -> None:
         """The step ran for ``seconds``: advance the clock and feed its output back."""
         pool = self.driver.block_pool
         held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # less the null block
         self.busy_s += seconds
         self.kv_block_seconds += held * seconds
         self.now += seconds
-        for rid in self._feed_back(step):
-            self._turn_finished(rid, on_program_done)
+        finished.extend(self._turn_finished(rid) for rid in self._feed_back(step))
 
-    def _next_event_s(self) -> float | None:
+    def _next_event_s(self, next_arrival_s: float | None) -> float | None:
         """When something next happens without a step: an arrival or an async load done."""
-        times = [self._events[0][0]] if self._events else []
+        times = [] if next_arrival_s is None else [next_arrival_s]
         if self.lmcache is not None and (load := self.lmcache.next_load_done()) is not None:
             times.append(load)
         return min(times, default=None)
 
-    def _submit_due(self) -> None:
-        while self._events and self._events[0][0] <= self.now:
-            _, _, seq = heapq.heappop(self._events)
-            self._submit(self.runs[seq])
-
-    def _submit(self, run: ProgramRun) -> None:
+    def submit(self, run: ProgramRun, at_s: float) -> None:
+        """The program's current turn arrives at ``at_s`` (an idle replica's clock moves
+        up to it; a busy one takes it after its step). A turn submitted again (its replica
+        was lost) sends the same prompt."""
+        self.now = max(self.now, at_s)
         turn = run.program.turns[run.turn]
         rng = random.Random(f"{self.seed}:{run.seq}:{run.turn}")
         fresh = turn.prompt_tokens - len(run.context)
@@ -176,7 +199,7 @@ class VirtualEngine:
             if self.hooks.send_hints
             else None
         )
-        if run.turn == 0:
+        if run.start_s is None:
             run.start_s = self.now
         run.holds_pin = (
             self.pin_connector is not None
@@ -236,18 +259,87 @@ class VirtualEngine:
             if o.finish_reason is not None
         ]
 
-    def _turn_finished(self, rid: str, on_program_done: Callable[[], None]) -> None:
+    def _turn_finished(self, rid: str) -> tuple[ProgramRun, float]:
+        """The run moved on to its next turn, and when the reply reaches its program."""
         run = self._by_request.pop(rid)
         request = self._requests.pop(rid)
         run.context += request.output_token_ids
         run.block_hashes = list(request.block_hashes)
-        turn = run.program.turns[run.turn]
         run.turn += 1
-        seen_s = self.now + self.request_overhead_s  # the reply has reached its program
+        return run, self.now + self.request_overhead_s
+
+
+class Arrivals:
+    """Every program's turns in time order: the first at the program's arrival, each
+    later one a tool call after its program saw the previous reply."""
+
+    def __init__(self, programs: list[TraceProgram]):
+        ordered = sorted(programs, key=lambda p: p.arrival_s)
+        self.runs = [ProgramRun(p, seq) for seq, p in enumerate(ordered)]
+        self._events: list[tuple[float, int, int]] = [
+            (p.arrival_s, seq, seq) for seq, p in enumerate(ordered)
+        ]
+        heapq.heapify(self._events)
+        self._tiebreak = len(ordered)
+
+    def next_s(self) -> float | None:
+        return self._events[0][0] if self._events else None
+
+    def pop(self) -> ProgramRun:
+        return self.runs[heapq.heappop(self._events)[2]]
+
+    def turn_done(self, run: ProgramRun, seen_s: float, on_done: Callable[[], None]) -> None:
         if run.turn == len(run.program.turns):
             run.end_s = seen_s
             run.context, run.block_hashes = [], []
-            on_program_done()
+            on_done()
             return
+        tool_s = run.program.turns[run.turn - 1].tool_duration_s
         self._tiebreak += 1
-        heapq.heappush(self._events, (seen_s + turn.tool_duration_s, self._tiebreak, run.seq))
+        heapq.heappush(self._events, (seen_s + tool_s, self._tiebreak, run.seq))
+
+
+Route = Callable[[ProgramRun, list[VirtualEngine]], VirtualEngine]
+
+
+class Replicas:
+    """Engines on one virtual clock, fed by one ``Arrivals`` through ``route``.
+
+    Each engine advances by its own steps; the engine furthest behind moves next, and an
+    arrival is routed once every busy engine has reached it, so the router sees each
+    replica at most one step ahead of the arrival. With one engine this is the engine
+    core's loop: add due requests, schedule, step."""
+
+    def __init__(self, engines: list[VirtualEngine], arrivals: Arrivals, route: Route):
+        self.live = list(engines)
+        self.arrivals = arrivals
+        self.route = route
+
+    def run(self, on_program_done: Callable[[], None], until_s: float = math.inf) -> None:
+        """Until every program is done, or until the next thing to happen is at or after
+        ``until_s``."""
+        while True:
+            busy = [e for e in self.live if e.busy()]
+            engine = min(busy, key=lambda e: e.now, default=None)
+            step_s = math.inf if engine is None else engine.now
+            arrival = self.arrivals.next_s()
+            arrival_s = math.inf if arrival is None else arrival
+            if min(step_s, arrival_s) >= until_s:  # with until_s infinite: nothing left
+                return
+            if arrival_s <= step_s:
+                run = self.arrivals.pop()
+                self.route(run, self.live).submit(run, arrival_s)
+                continue
+            assert engine is not None
+            next_s = min(arrival_s, until_s)
+            for run, seen_s in engine.advance(None if next_s == math.inf else next_s):
+                self.arrivals.turn_done(run, seen_s, on_program_done)
+
+    def remove(self, engine: VirtualEngine, at_s: float) -> list[ProgramRun]:
+        """``engine`` is lost at ``at_s`` with all it held; the turns it was serving start
+        over wherever ``route`` now sends them. Returns those turns' programs."""
+        self.live.remove(engine)
+        lost = sorted(engine.serving(), key=lambda run: run.seq)
+        for run in lost:
+            self.route(run, self.live).submit(run, at_s)
+        return lost
