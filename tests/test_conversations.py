@@ -176,6 +176,17 @@ def test_completion_prompts_extend_by_the_completion(prompt, completion, follow_
     assert index.begin(FlatPrompt.of(prompt + completion + follow_up), 1.0) == program
 
 
+def test_conversations_of_two_namespaces_never_continue_each_other():
+    """Two API keys running the same task with the same replies stay apart."""
+    index = ConversationIndex(idle_timeout_s=600)
+    first = ChatPrompt.of([SYSTEM, TASK], namespace="key-a")
+    program = index.begin(first, 0.0)
+    index.finish(program, first, reply("ls"), 0.0)
+    follow_up = [SYSTEM, TASK, reply("ls"), observation("a.py")]
+    assert index.begin(ChatPrompt.of(follow_up, namespace="key-b"), 1.0) != program
+    assert index.begin(ChatPrompt.of(follow_up, namespace="key-a"), 1.0) == program
+
+
 def test_text_and_token_prompts_never_match_each_other():
     index = ConversationIndex(idle_timeout_s=600)
     text = FlatPrompt.of("ab")

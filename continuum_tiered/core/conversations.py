@@ -57,6 +57,7 @@ class ConversationError(ValueError):
 
 @dataclass(frozen=True)
 class PrefixKey:
+    namespace: str  # e.g. the client's API key scope: conversations of two never meet
     kind: str  # "chat", "text" or "tokens": prompts of different kinds never match
     length: int  # messages, characters or tokens
     digest: bytes
@@ -116,20 +117,21 @@ class ChatPrompt:
     """A chat request's messages, as chained digests of their prefixes."""
 
     chain: tuple[bytes, ...]  # chain[k - 1]: digest of the first k messages
+    namespace: str = ""
     kind = "chat"
 
     @classmethod
-    def of(cls, messages: object) -> ChatPrompt:
+    def of(cls, messages: object, namespace: str = "") -> ChatPrompt:
         if not isinstance(messages, list) or not messages:
             raise ConversationError("messages must be a non-empty list")
-        return cls(tuple(_chained(b"", (canonical_message(m) for m in messages))))
+        return cls(tuple(_chained(b"", (canonical_message(m) for m in messages))), namespace)
 
     @property
     def length(self) -> int:
         return len(self.chain)
 
     def key(self, length: int) -> PrefixKey:
-        return PrefixKey(self.kind, length, self.chain[length - 1])
+        return PrefixKey(self.namespace, self.kind, length, self.chain[length - 1])
 
     def candidate_keys(self, registered_weak: np.ndarray) -> Iterator[PrefixKey]:
         """Every proper prefix, longest first (one lookup each)."""
@@ -138,7 +140,8 @@ class ChatPrompt:
     def extended(self, reply: object) -> ChatPrompt:
         """The prompt followed by the reply message."""
         last = self.chain[-1]
-        return ChatPrompt((*self.chain, *_chained(last, [canonical_message(reply)])))
+        chain = (*self.chain, *_chained(last, [canonical_message(reply)]))
+        return ChatPrompt(chain, self.namespace)
 
 
 def _chained(previous: bytes, records: Iterator[bytes] | Sequence[bytes]) -> Iterator[bytes]:
@@ -169,22 +172,23 @@ class FlatPrompt:
     kind: str
     units: np.ndarray
     weak: np.ndarray = field(repr=False)
+    namespace: str = ""
 
     @classmethod
-    def of(cls, prompt: object) -> FlatPrompt:
+    def of(cls, prompt: object, namespace: str = "") -> FlatPrompt:
         if isinstance(prompt, str) and prompt:
-            return cls._build("text", _code_points(prompt))
+            return cls._build("text", _code_points(prompt), namespace)
         if (
             isinstance(prompt, list)
             and prompt
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
         ):
-            return cls._build("tokens", np.asarray(prompt, dtype=np.uint64))
+            return cls._build("tokens", np.asarray(prompt, dtype=np.uint64), namespace)
         raise ConversationError("prompt must be a non-empty string or list of token ids")
 
     @classmethod
-    def _build(cls, kind: str, units: np.ndarray) -> FlatPrompt:
-        return cls(kind, units, _weak_prefix_keys(units))
+    def _build(cls, kind: str, units: np.ndarray, namespace: str) -> FlatPrompt:
+        return cls(kind, units, _weak_prefix_keys(units), namespace)
 
     @property
     def length(self) -> int:
@@ -192,7 +196,8 @@ class FlatPrompt:
 
     def key(self, length: int) -> PrefixKey:
         digest = _digest(self.units[:length].tobytes())
-        return PrefixKey(self.kind, length, digest, int(self.weak[length - 1]))
+        weak = int(self.weak[length - 1])
+        return PrefixKey(self.namespace, self.kind, length, digest, weak)
 
     def candidate_keys(self, registered_weak: np.ndarray) -> Iterator[PrefixKey]:
         """The proper prefixes whose cheap key is registered, longest first; the digest
@@ -208,7 +213,7 @@ class FlatPrompt:
             tail = np.asarray(reply, dtype=np.uint64)
         else:
             raise ConversationError(f"a {self.kind} prompt cannot be extended by {reply!r:.60}")
-        return self._build(self.kind, np.concatenate([self.units, tail]))
+        return self._build(self.kind, np.concatenate([self.units, tail]), self.namespace)
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -218,12 +223,13 @@ def _code_points(text: str) -> np.ndarray:
 Prompt = ChatPrompt | FlatPrompt
 
 
-def prompt_of(body: Mapping[str, object]) -> Prompt:
-    """The conversation of an OpenAI chat or completions request body."""
+def prompt_of(body: Mapping[str, object], namespace: str = "") -> Prompt:
+    """The conversation of an OpenAI chat or completions request body; only prompts of one
+    ``namespace`` continue each other."""
     if "messages" in body:
-        return ChatPrompt.of(body["messages"])
+        return ChatPrompt.of(body["messages"], namespace)
     if "prompt" in body:
-        return FlatPrompt.of(body["prompt"])
+        return FlatPrompt.of(body["prompt"], namespace)
     raise ConversationError("the body has neither messages nor prompt")
 
 
