@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import pytest
 
 from continuum_tiered.cli import main
+from continuum_tiered.cluster.redis_server import RedisServer
+from continuum_tiered.core.net import free_port
 from continuum_tiered.vllm.serve import RESERVED_CPU_ENV, ServeOptions
-from continuum_tiered.vllm.tiers import DISK_SUBDIR, GIB, Tiers, TierSpecError, lmcache_tier_bytes
+from continuum_tiered.vllm.tiers import (
+    DISK_SUBDIR,
+    GIB,
+    REMOTE_CHECK_TIMEOUT_S,
+    Tiers,
+    TierSpecError,
+    lmcache_tier_bytes,
+)
 
 
 def test_a_full_spec_gives_lmcache_cpu_and_disk_settings(tmp_path):
@@ -21,9 +32,21 @@ def test_a_full_spec_gives_lmcache_cpu_and_disk_settings(tmp_path):
     assert config["lmcache.save_decode_cache"] is True
     assert tiers.disk_cleanup
     # What the connector's scheduler reads back to model LMCache's tiers.
-    assert lmcache_tier_bytes(config) == (1.5 * GIB, 0.5 * GIB)
-    assert lmcache_tier_bytes(Tiers.parse("cpu=1GB").lmcache_config()) == (GIB, 0)
+    assert lmcache_tier_bytes(config) == {"cpu": 1.5 * GIB, "disk": 0.5 * GIB}
+    assert lmcache_tier_bytes(Tiers.parse("cpu=1GB").lmcache_config()) == {"cpu": GIB}
     assert lmcache_tier_bytes({}) is None  # LMCache configured by its own file
+    assert "lmcache.remote_url" not in config
+
+
+def test_a_remote_tier_gives_lmcache_its_redis_url():
+    with RedisServer() as redis_server:
+        tiers = Tiers.parse(f"cpu=1GB,remote={redis_server.url}")
+        tiers.check()
+    config = tiers.lmcache_config()
+    assert config["lmcache.remote_url"] == redis_server.url
+    assert config["lmcache.remote_serde"] == "naive"
+    # Redis bounds the shared tier, not this server: the scheduler's model takes it as unbounded.
+    assert lmcache_tier_bytes(config) == {"cpu": GIB, "remote": math.inf}
 
 
 @pytest.mark.parametrize(
@@ -36,6 +59,12 @@ def test_a_full_spec_gives_lmcache_cpu_and_disk_settings(tmp_path):
         ("disk=/tmp:1GB", "needs a cpu tier"),
         ("cpu=1GB,disk=/tmp", "PATH:SIZE"),
         ("", "no tier"),
+        ("cpu=1GB,remote=http://127.0.0.1:6379", "scheme 'http'.*remote=redis://HOST:PORT"),
+        ("cpu=1GB,remote=127.0.0.1:6379", "scheme"),
+        ("cpu=1GB,remote=redis://:6379", "names no host"),
+        ("cpu=1GB,remote=redis://127.0.0.1:port", "is not a URL"),
+        ("cpu=1GB,remote=redis://a:1,remote=redis://b:2", "tier 'remote' given twice"),
+        ("remote=redis://127.0.0.1:6379", "remote tier needs a cpu tier"),
     ],
 )
 def test_bad_specs_name_the_problem(spec, problem):
@@ -55,6 +84,23 @@ def test_sizes_beyond_this_machine_and_bad_paths_fail_the_check(tmp_path):
     for spec, problem in cases:
         with pytest.raises(TierSpecError, match=problem):
             Tiers.parse(spec).check()
+
+
+def test_a_remote_tier_that_does_not_answer_fails_the_check_naming_it():
+    closed = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(TierSpecError, match=f"remote {closed} does not answer: .*refused"):
+        Tiers.parse(f"cpu=1GB,remote={closed}").check()
+    # A host that cannot be resolved: named too, and no long wait.
+    started = time.monotonic()
+    with pytest.raises(TierSpecError, match=r"remote redis://no-such-host\.invalid:6379 does not"):
+        Tiers.parse("cpu=1GB,remote=redis://no-such-host.invalid:6379").check()
+    assert time.monotonic() - started < 2 * REMOTE_CHECK_TIMEOUT_S
+
+
+def test_serve_refuses_an_unreachable_remote_tier_before_starting_vllm(capsys):
+    closed = f"redis://127.0.0.1:{free_port()}"
+    assert main(["serve", "m", "--tiers", f"cpu=1GB,remote={closed}", "--dry-run"]) == 2
+    assert f"remote {closed} does not answer" in capsys.readouterr().err
 
 
 def test_serve_composes_continuum_with_lmcache(tmp_path):

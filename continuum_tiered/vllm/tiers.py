@@ -1,9 +1,13 @@
-"""``--tiers cpu=8GB,disk=/path:100GB``: LMCache's tiers below the GPU, checked before vLLM starts.
+"""``--tiers cpu=8GB,disk=/path:100GB,remote=redis://HOST:PORT``: LMCache's tiers below the
+GPU, checked before vLLM starts.
 
 Sizes are binary, as LMCache reads them (``8GB`` = 8 GiB); units B, K, M, G, T with an
 optional ``B`` or ``iB``. A tier that cannot work fails here, naming the problem: an
 unknown tier, a size larger than the free memory or disk, a disk path that cannot be
-written.
+written, a Redis server that does not answer.
+
+The remote tier is LMCache's remote backend on a Redis server that several replicas share
+(docs/architecture.md, 'The remote tier'); its size is Redis's own (``maxmemory``).
 
 The disk tier writes into its own subdirectory of the given path (``DISK_SUBDIR``), so that
 ``cleanup`` (``disk=/path:100GB:cleanup``) can remove exactly what it wrote when the server
@@ -12,19 +16,24 @@ shuts down, never the user's files.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
+import redis
 
 from continuum_tiered.core.tier_model import TIER_ORDER
 
 GIB = 1024**3
 DISK_SUBDIR = "continuum-lmcache"
+REMOTE_SCHEMES = ("redis",)
+REMOTE_CHECK_TIMEOUT_S = 3.0
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -52,51 +61,63 @@ class Tiers:
     disk_dir: Path | None = None  # the tier's own directory, under the path given
     disk_bytes: int = 0
     disk_cleanup: bool = False
+    remote_url: str | None = None  # redis://HOST:PORT, shared by replicas
     # LMCache's use_layerwise: layer i+1 loads while layer i computes, so a reload hides
     # behind the forward pass (what the replay's ``tiered`` assumes). GPU connectors only.
     layerwise: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Tiers:
-        """``cpu=SIZE,disk=PATH:SIZE[:cleanup]``; either tier may be left out."""
+        """``cpu=SIZE,disk=PATH:SIZE[:cleanup],remote=redis://HOST:PORT``; disk and
+        remote may be left out."""
         fields: dict[str, object] = {}
+        seen: set[str] = set()
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, sep, value = item.partition("=")
             if not sep or not value:
                 raise TierSpecError(f"--tiers: expected NAME=VALUE, got {item!r}")
             if name not in TIER_ORDER:
-                raise TierSpecError(f"--tiers: unknown tier {name!r}; known tiers: cpu, disk")
-            if name in fields or f"{name}_bytes" in fields:
+                known = ", ".join(TIER_ORDER)
+                raise TierSpecError(f"--tiers: unknown tier {name!r}; known tiers: {known}")
+            if name in seen:
                 raise TierSpecError(f"--tiers: tier {name!r} given twice")
+            seen.add(name)
             if name == "cpu":
                 fields["cpu_bytes"] = parse_size(value, "cpu")
-            else:
+            elif name == "disk":
                 path, size, cleanup = _split_disk(value)
                 fields |= {
                     "disk_dir": Path(path).expanduser().absolute() / DISK_SUBDIR,
                     "disk_bytes": parse_size(size, "disk"),
                     "disk_cleanup": cleanup,
                 }
-        if not fields:
+            else:
+                fields["remote_url"] = parse_remote_url(value)
+        if not seen:
             raise TierSpecError("--tiers: no tier given")
-        if "disk_dir" in fields and "cpu_bytes" not in fields:
+        below = sorted(seen - {"cpu"})
+        if below and "cpu" not in seen:
             raise TierSpecError(
-                "--tiers: the disk tier needs a cpu tier (LMCache stages disk reads and "
-                "writes in its CPU memory)"
+                f"--tiers: the {below[0]} tier needs a cpu tier (LMCache stages {below[0]} "
+                "reads and writes in its CPU memory)"
             )
         return cls(**fields)  # type: ignore[arg-type]
 
     def check(self) -> None:
-        """Fail on a tier this machine cannot hold."""
+        """Fail on a tier this machine cannot hold or reach."""
         available = psutil.virtual_memory().available
         if self.cpu_bytes > available:
             raise TierSpecError(
                 f"--tiers: cpu={_gib(self.cpu_bytes)} is more than the {_gib(available)} of "
                 "memory available"
             )
-        if self.disk_dir is None:
-            return
-        parent = self.disk_dir.parent
+        if self.remote_url is not None:
+            check_remote(self.remote_url)
+        if self.disk_dir is not None:
+            self._check_disk(self.disk_dir)
+
+    def _check_disk(self, disk_dir: Path) -> None:
+        parent = disk_dir.parent
         if not parent.is_dir():
             raise TierSpecError(f"--tiers: disk path {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -118,17 +139,56 @@ class Tiers:
         if self.disk_dir is not None:
             config["lmcache.local_disk"] = f"file://{self.disk_dir}/"
             config["lmcache.max_local_disk_size"] = self.disk_bytes / GIB
+        if self.remote_url is not None:
+            # LMCache 0.5.6 reads remote_url (its RedisConnector for redis://) and writes
+            # each chunk there as it writes the local tiers; "naive" serde: raw KV bytes.
+            config["lmcache.remote_url"] = self.remote_url
+            config["lmcache.remote_serde"] = "naive"
         return config
 
 
-def lmcache_tier_bytes(config: Mapping[str, object]) -> tuple[float, float] | None:
-    """CPU and disk tier sizes in bytes from ``lmcache.*`` keys as ``lmcache_config`` writes
-    them; None where LMCache is configured elsewhere (its own config file)."""
+def lmcache_tier_bytes(config: Mapping[str, object]) -> dict[str, float] | None:
+    """Each configured tier's size in bytes from ``lmcache.*`` keys as ``lmcache_config``
+    writes them (the remote tier's is Redis's, unknown here: infinite); None where LMCache
+    is configured elsewhere (its own config file)."""
     cpu = config.get("lmcache.max_local_cpu_size")
     if not isinstance(cpu, int | float):
         return None
-    disk = config.get("lmcache.max_local_disk_size", 0) if config.get("lmcache.local_disk") else 0
-    return cpu * GIB, (disk if isinstance(disk, int | float) else 0) * GIB
+    sizes = {"cpu": cpu * GIB}
+    disk = config.get("lmcache.max_local_disk_size", 0)
+    if config.get("lmcache.local_disk") and isinstance(disk, int | float):
+        sizes["disk"] = disk * GIB
+    if config.get("lmcache.remote_url"):
+        sizes["remote"] = math.inf
+    return sizes
+
+
+def parse_remote_url(text: str) -> str:
+    """``redis://HOST[:PORT][/DB]`` as given, or a TierSpecError naming what is wrong."""
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 -- raises ValueError on a port that is not a number
+    except ValueError as error:
+        raise TierSpecError(f"--tiers: remote {text!r} is not a URL: {error}") from None
+    if url.scheme not in REMOTE_SCHEMES:
+        raise TierSpecError(
+            f"--tiers: remote {text!r} has scheme {url.scheme or '(none)'!r}; the remote "
+            "tier is a Redis server: remote=redis://HOST:PORT"
+        )
+    if not url.hostname:
+        raise TierSpecError(f"--tiers: remote {text!r} names no host: remote=redis://HOST:PORT")
+    return text
+
+
+def check_remote(url: str, timeout_s: float = REMOTE_CHECK_TIMEOUT_S) -> None:
+    """Raise TierSpecError unless the Redis server at ``url`` answers a PING."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        raise TierSpecError(f"--tiers: remote {url} does not answer: {error}") from None
+    finally:
+        client.close()
 
 
 def parse_size(text: str, tier: str) -> int:

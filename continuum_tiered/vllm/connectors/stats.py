@@ -19,8 +19,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
-# Where a returning turn's prompt tokens came from (ContinuumTieredConnector counts them).
-PREFIX_SOURCES = ("gpu", "cpu", "disk", "recompute")
+from continuum_tiered.core.tier_model import TIER_ORDER
+
+# Where a returning turn's prompt tokens came from (ContinuumTieredConnector counts them):
+# the GPU prefix cache, each of LMCache's tiers, or recompute.
+PREFIX_SOURCES = ("gpu", *TIER_ORDER, "recompute")
 
 
 def prefix_counter(source: str) -> str:

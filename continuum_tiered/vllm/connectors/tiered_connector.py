@@ -12,7 +12,8 @@ that also:
   the scheduler tracks which tier holds each block, the profile prices both ways); LMCache
   alone loads every hit, and a short prefix on a slow disk takes longer than its prefill;
 - counts, for each returning turn (hint ``turn > 0``), where its prompt tokens came from:
-  the GPU prefix cache (pins), LMCache's CPU tier, its disk tier, or recompute. The counts
+  the GPU prefix cache (pins), LMCache's CPU tier, its disk tier, the remote tier shared by
+  replicas, or recompute. The counts
   travel in ``ContinuumConnector``'s stats (``vllm:continuum_prefix_tokens_from_*``).
 
 LMCache's engine lives in the worker process, so the worker half looks up tiers (per
@@ -49,7 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import (
 from vllm.logger import init_logger
 
 from continuum_tiered.core.hints import HintError, request_hints
-from continuum_tiered.core.tier_model import TIER_ORDER, LoadCost, TierStore
+from continuum_tiered.core.tier_model import LOCAL_TIERS, TIER_ORDER, LoadCost, TierStore
 from continuum_tiered.policies import DEFAULT_POLICY_WITH_TIERS
 from continuum_tiered.vllm import compat
 from continuum_tiered.vllm.connectors.continuum_connector import ContinuumConnector
@@ -152,6 +153,10 @@ class ContinuumTieredConnector(MultiConnector):
         self._block_size = vllm_config.cache_config.block_size
         self._shadow: TierStore | None = None
         self._load_cost: LoadCost | None = None
+        # The LMCache child's own config, as MultiConnector built it (vLLM's base keeps it).
+        self._lmcache_config = compat.own_kv_transfer_config(
+            self._lmcache
+        ).kv_connector_extra_config
         if role == KVConnectorRole.SCHEDULER:
             self._warn_on_missing_profile_tiers()
             profile = self._continuum.options.profile
@@ -290,22 +295,23 @@ class ContinuumTieredConnector(MultiConnector):
 
     def _cost_aware_loads(self) -> None:
         """Sets up the scheduler's model of LMCache's tiers and the prices of a load and a
-        prefill; without tier sizes in LMCache's extra config or without both tiers in the
-        profile, every hit is loaded, as LMCache alone would."""
+        prefill; without tier sizes in LMCache's extra config or without the local tiers in
+        the profile, every hit is loaded, as LMCache alone would (and a remote hit is, where
+        the profile has no remote tier)."""
         profile = self._continuum.options.profile
-        # The LMCache child's own config, as MultiConnector built it (vLLM's base keeps it).
-        lmcache_config = compat.own_kv_transfer_config(self._lmcache).kv_connector_extra_config
-        sizes = lmcache_tier_bytes(lmcache_config)
-        if profile is None or sizes is None or any(t not in profile.tiers for t in TIER_ORDER):
+        sizes = lmcache_tier_bytes(self._lmcache_config)
+        if profile is None or sizes is None or any(t not in profile.tiers for t in LOCAL_TIERS):
             return
         block_bytes = self._block_size * profile.model.kv_bytes_per_token
-        self._shadow = TierStore.sized(*sizes, block_bytes)
+        self._shadow = TierStore.sized(
+            sizes["cpu"], sizes.get("disk", 0.0), block_bytes, sizes.get("remote", 0.0)
+        )
         self._load_cost = LoadCost(
             profile.tiers,
             self._block_size,
             block_bytes,
             profile.serving_prefill_coeffs,
-            layerwise=bool(lmcache_config.get("lmcache.use_layerwise", False)),
+            layerwise=bool(self._lmcache_config.get("lmcache.use_layerwise", False)),
         )
 
     def _recompute_rather_than_load(self, request: Request, computed: int, hit: int) -> bool:
@@ -317,8 +323,10 @@ class ContinuumTieredConnector(MultiConnector):
             return False
         keys = self._blocks(request, computed, computed + hit)
         found = self._shadow.lookup(keys)
-        # Blocks LMCache holds that the model lost track of: assume the fast tier.
-        found += ["cpu"] * (len(keys) - len(found))
+        # Blocks LMCache holds that the model does not know of: another replica's, in the
+        # remote tier where there is one; else ones it lost track of, assumed in the fast tier.
+        unknown = "remote" if self._shadow.has_remote else "cpu"
+        found += [unknown] * (len(keys) - len(found))
         return not self._load_cost.load_pays(computed, found, request.num_prompt_tokens)
 
     def _shadow_store(self, request: Request, start_token: int, end_token: int) -> None:
@@ -330,12 +338,16 @@ class ContinuumTieredConnector(MultiConnector):
         return request.block_hashes[start_token // self._block_size : end_token // self._block_size]
 
     def _warn_on_missing_profile_tiers(self) -> None:
+        """Name the configured tiers the profile does not price, and what is assumed."""
         profile = self._continuum.options.profile
-        missing = [t for t in TIER_ORDER if profile is None or t not in profile.tiers]
+        sizes = lmcache_tier_bytes(self._lmcache_config) or dict.fromkeys(LOCAL_TIERS)
+        priced = profile.tiers if profile is not None else {}
+        missing = [t for t in TIER_ORDER if t in sizes and t not in priced]
         if missing:
             logger.warning(
                 "continuum-tiered: the tier profile has no %s tier; TTLs treat KV found "
-                "there as lost (recompute cost)",
+                "there as lost (recompute cost), and hits there are loaded without pricing "
+                "(measure it: continuum-tiered profile --tiers ...)",
                 " or ".join(missing),
             )
 

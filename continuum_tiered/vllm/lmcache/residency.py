@@ -1,10 +1,10 @@
 """Which LMCache tier holds a token sequence's KV, read from LMCache's own storage manager.
 
 LMCache keys KV by chunk (``chunk_size`` tokens, prefix-hashed). A prefix lookup walks the
-backends in order (CPU, then disk) and takes each backend's run of leading chunks, which
-is how a retrieve assembles the prefix; this module asks the same question with
-``StorageManager.batched_contains`` (no pin, so nothing is held) and reports, chunk by chunk,
-which tier would serve it.
+backends in order (CPU, then disk, then the remote tier) and takes each backend's run of
+leading chunks, which is how a retrieve assembles the prefix; this module asks the same
+question with ``StorageManager.batched_contains`` (no pin, so nothing is held) and reports,
+chunk by chunk, which tier would serve it.
 
 It runs where LMCache's engine lives, the worker process (found through
 ``LMCacheEngineBuilder``); ``ContinuumTieredConnector`` sends the answers to the scheduler.
@@ -37,7 +37,8 @@ from continuum_tiered.vllm import compat
 logger = init_logger(__name__)
 
 # LMCache backend name -> tier name in tier profiles and connector stats.
-TIER_OF_BACKEND = {"LocalCPUBackend": "cpu", "LocalDiskBackend": "disk"}
+# LMCache 0.5.6 names the backend of ``remote_url`` after its class, ``RemoteBackend``.
+TIER_OF_BACKEND = {"LocalCPUBackend": "cpu", "LocalDiskBackend": "disk", "RemoteBackend": "remote"}
 # Disk backends whose last write failed: one warning per run of failures.
 _failing_disks: weakref.WeakSet[Any] = weakref.WeakSet()
 
