@@ -21,7 +21,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from continuum_tiered.cli import main
-from continuum_tiered.client.agent_program import program_priority
+from continuum_tiered.client.agent_program import (
+    ROUTING_HEADER,
+    AgentProgram,
+    program_priority,
+    routing_key,
+)
 from continuum_tiered.client.proxy.app import ProxyOptions, add_program_fields, create_app
 from continuum_tiered.client.proxy.programs import ProgramRegistry, program_identity
 from continuum_tiered.core.request_body import BodyError
@@ -93,7 +98,7 @@ def rewrite(
     completion: bool = True,
 ):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    out = add_program_fields(raw, Headers(headers), programs, options, now, completion)
+    out = add_program_fields(raw, Headers(headers), programs, options, now, completion).body
     return out if out is raw else json.loads(out)
 
 
@@ -125,7 +130,7 @@ def test_a_request_without_identity_is_a_one_turn_program_without_hints():
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"])
 def test_bodies_that_are_not_json_objects_are_forwarded_untouched(body):
     programs = ProgramRegistry(idle_timeout_s=600)
-    assert add_program_fields(body, Headers({HEADER: "A"}), programs, OPTIONS, 1.0) is body
+    assert add_program_fields(body, Headers({HEADER: "A"}), programs, OPTIONS, 1.0).body is body
     assert len(programs) == 0
 
 
@@ -144,7 +149,8 @@ def test_a_clients_priority_is_replaced_by_its_programs_unless_trusted():
     # Any path: a priority the client sent is replaced; none is added where there was none.
     assert rewrite(jump, {}, programs, 1007.0, completion=False)["priority"] == 1007000
     raw = json.dumps({"input": "hi"}).encode()
-    assert add_program_fields(raw, Headers({}), programs, OPTIONS, 1.0, completion=False) is raw
+    kept = add_program_fields(raw, Headers({}), programs, OPTIONS, 1.0, completion=False)
+    assert kept.body is raw and kept.program_id is None
     trusted = dataclasses.replace(UNSCOPED, trust_client_priority=True)
     kept = rewrite(jump, {HEADER: "B"}, programs, 1008.0, trusted)
     assert kept["priority"] == -(10**9) and kept["kv_transfer_params"]["continuum"]["turn"] == 0
@@ -402,3 +408,71 @@ def test_a_client_that_hangs_up_closes_the_upstream_request():
         assert next(chunks) == b"data: 1\n\n"
     assert upstream.disconnected.wait(5)
     upstream.release.set()
+
+
+# ------------------------------------------------------------ routing key for vllm-router
+
+
+class HeaderRecorder:
+    """An upstream that answers every request with an empty completion and records the
+    values of the routing header each request carried (all of them, to catch duplicates)."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = ROUTING_HEADER.lower().encode()
+        self.seen.append([v.decode() for k, v in scope["headers"] if k.lower() == name])
+        while (await receive()).get("more_body"):
+            pass
+        body = json.dumps(
+            {
+                "id": "c",
+                "object": "text_completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+            }
+        )
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+@contextmanager
+def recorded_proxy() -> Iterator[tuple[RunningProxy, HeaderRecorder]]:
+    upstream = HeaderRecorder()
+    with serve_in_thread(upstream, lifespan="off") as url, RunningProxy.running(url) as proxy:
+        yield proxy, upstream
+
+
+def test_the_proxy_sends_the_scoped_program_id_as_the_routing_key_in_place_of_the_clients():
+    with recorded_proxy() as (proxy, upstream):
+        # A client naming another program's routing key does not get it: the program the
+        # proxy resolved (scoped to the client's key) replaces it.
+        proxy.complete([1], {HEADER: "A", ROUTING_HEADER: "victim", "x-session-id": "v2"})
+        hints = {"continuum": {"program_id": "B", "turn": 0}}
+        proxy.complete([1], {"Authorization": "Bearer k1"}, kv_transfer_params=hints)
+        proxy.complete([1], user="run 7 \u00fc")  # no valid header value as it is
+        proxy.complete([1])  # no program: no key added
+        proxy.client.get("/v1/models", headers={ROUTING_HEADER: "s"})  # not rewritten
+    assert upstream.seen == [
+        ["anonymous:A"],
+        [scoped_program_id(api_key_scope("Bearer k1"), "B")],
+        [routing_key("anonymous:run 7 \u00fc")],
+        [],
+        ["s"],
+    ]
+    assert len(upstream.seen[2][0]) == 64 and upstream.seen[2][0].isascii()
+
+
+def test_an_agent_program_sends_its_routing_key_on_every_turn_and_only_once():
+    upstream = HeaderRecorder()
+    with serve_in_thread(upstream, lifespan="off") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0)
+        agent = AgentProgram("agent-7")
+        for _ in range(2):
+            agent.complete(client, model="m", prompt="hi", extra_headers={"x-session-id": "x"})
+        AgentProgram("naïve run").complete(client, model="m", prompt="hi")
+    assert upstream.seen == [["agent-7"], ["agent-7"], [routing_key("naïve run")]]
+    assert agent.turn == 2

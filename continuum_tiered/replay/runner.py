@@ -122,6 +122,7 @@ async def _stream_once(
     prompt: list[int],
     max_tokens: int,
     body: dict[str, Any],
+    headers: dict[str, str],
 ) -> _Reply:
     first_token_at: float | None = None
     token_ids: list[int] = []
@@ -134,6 +135,7 @@ async def _stream_once(
             stream=True,
             stream_options={"include_usage": True},
             extra_body=body,
+            extra_headers=headers,
         )
         async with stream:
             async for chunk in stream:
@@ -152,6 +154,7 @@ async def run_turn(
     prompt: list[int],
     max_tokens: int,
     body: dict[str, Any],
+    headers: dict[str, str],
 ) -> tuple[TurnRecord, list[int]]:
     """One turn, retried per ``options.retry``; its record and the reply's token ids."""
     retry = options.retry
@@ -160,7 +163,7 @@ async def run_turn(
     while True:
         attempt += 1
         try:
-            reply = await _stream_once(client, options, prompt, max_tokens, body)
+            reply = await _stream_once(client, options, prompt, max_tokens, body, headers)
             break
         except Exception as err:
             delay = retry.backoff_s * 2 ** (attempt - 1)
@@ -206,7 +209,11 @@ async def run_program(
             if options.send_hints:
                 body |= agent.extra_body(last_turn=last, tool=turn.tool)
                 agent.turn += 1
-            turn_record, reply = await run_turn(client, options, context, turn.output_tokens, body)
+            # The routing key goes with every system's requests: a router in front of
+            # vanilla vLLM keeps programs on one replica too.
+            turn_record, reply = await run_turn(
+                client, options, context, turn.output_tokens, body, agent.routing_headers()
+            )
             record.turns.append(turn_record)
             context += reply
             if not last:

@@ -5,6 +5,10 @@ program's first arrival in ms) and ``kv_transfer_params.continuum`` hints (progr
 per-program turn counter, ``last_turn`` from the ``X-Program-Last-Turn: true`` header)
 before they go upstream; see :mod:`continuum_tiered.client.proxy.programs` for how a request's
 program is found. A client's own hints are kept, with their program id scoped as below.
+A request of a program goes upstream with the program's routing key in ``X-Session-ID``
+(:func:`~continuum_tiered.client.agent_program.routing_key` of the scoped id, replacing any
+the client sent), so ``vllm-router --policy consistent_hash`` upstream keeps every turn of
+a program on one replica.
 
 Clients do not share programs or choose their place in the queue:
 
@@ -32,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import anyio
 import httpx
@@ -41,7 +46,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from continuum_tiered.client.agent_program import program_priority
+from continuum_tiered.client.agent_program import ROUTING_HEADER, program_priority, routing_key
 from continuum_tiered.client.proxy.programs import (
     DEFAULT_PROGRAM_HEADER,
     ProgramRegistry,
@@ -68,6 +73,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _NOT_FORWARDED = _HOP_BY_HOP | {"host", "content-length"}
+_ROUTING_HEADER_LOWER = ROUTING_HEADER.lower()
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ class ProxyOptions:
     trust_client_priority: bool = False
 
 
+class Rewritten(NamedTuple):
+    body: bytes
+    program_id: str | None  # the (scoped) program the request belongs to, if any
+
+
 def add_program_fields(
     body: bytes,
     headers: Mapping[str, str],
@@ -87,8 +98,8 @@ def add_program_fields(
     options: ProxyOptions,
     now_s: float,
     completion: bool = True,
-) -> bytes:
-    """The body to send upstream for a request that arrived at ``now_s``.
+) -> Rewritten:
+    """The body to send upstream for a request that arrived at ``now_s``, and its program.
 
     ``headers`` must be case-insensitive. ``completion``: a completion request, whose
     program the proxy finds and gives hints; other requests only have a client's
@@ -102,11 +113,12 @@ def add_program_fields(
     """
     payload = load_json_object(body)
     if payload is None:
-        return body
+        return Rewritten(body, None)
     scope = api_key_scope(headers.get("authorization")) if options.scope_programs else None
     keep_priority = options.trust_client_priority and "priority" in payload
     params = payload.get("kv_transfer_params")
     first_arrival_s: float | None = None
+    program_id: str | None = None
     changed = False
     if params is not None and (not isinstance(params, dict) or HINTS_KEY in params):
         # The client's own hints: scoped when well formed, else left for the server.
@@ -116,7 +128,8 @@ def add_program_fields(
             client_hints = None
         if client_hints is not None:
             hints = _scoped(client_hints, scope)
-            first_arrival_s, _ = programs.next_turn(hints.program_id, now_s, hints.last_turn)
+            program_id = hints.program_id
+            first_arrival_s, _ = programs.next_turn(program_id, now_s, hints.last_turn)
             payload["kv_transfer_params"] = {**params, **hints.to_params()}
             changed = True
     elif completion and (program_id := program_identity(headers, payload, options.program_header)):
@@ -134,7 +147,19 @@ def add_program_fields(
         arrival_s = now_s if first_arrival_s is None else first_arrival_s
         payload["priority"] = program_priority(arrival_s)
         changed = True
-    return json.dumps(payload).encode() if changed else body
+    return Rewritten(json.dumps(payload).encode() if changed else body, program_id)
+
+
+def _upstream_headers(
+    raw: list[tuple[bytes, bytes]], program_id: str | None
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers as they go upstream: the proxy's own dropped and, for a request
+    of a program, the program's routing key in place of any the client sent."""
+    dropped = _NOT_FORWARDED | ({_ROUTING_HEADER_LOWER} if program_id is not None else set())
+    headers = [(k, v) for k, v in raw if k.decode().lower() not in dropped]
+    if program_id is not None:
+        headers.append((ROUTING_HEADER.encode(), routing_key(program_id).encode()))
+    return headers
 
 
 def _scoped(hints: ProgramHints, scope: str | None) -> ProgramHints:
@@ -164,10 +189,11 @@ class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         body = await request.body()
+        program_id = None
         if request.method in BODY_METHODS:
             completion = request.method == "POST" and request.url.path in REWRITTEN_PATHS
             try:
-                body = add_program_fields(
+                body, program_id = add_program_fields(
                     body, request.headers, self.programs, self.options, time.time(), completion
                 )
             except BodyError as error:
@@ -176,7 +202,7 @@ class ProxyEndpoint:
         upstream_request = self.client.build_request(
             request.method,
             httpx.URL(self.upstream + request.url.path, query=request.url.query.encode()),
-            headers=[(k, v) for k, v in request.headers.raw if k.decode() not in _NOT_FORWARDED],
+            headers=_upstream_headers(request.headers.raw, program_id),
             content=body,
         )
         async with anyio.create_task_group() as group:
