@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from continuum_tiered.cli import main
+from continuum_tiered.cluster.redis_server import RedisServer
 from continuum_tiered.core.profile import ModelShape, ProfileError, TierProfile
 from continuum_tiered.profiling import cli as profiling_cli
 from continuum_tiered.profiling import compute, disk, transfers
@@ -51,8 +52,17 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """One --quick profile of the tiny model through the real entry point."""
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def run(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[Run]:
+    """One --quick profile of the tiny model through the real entry point, every tier: the
+    host's memory, a disk directory and a real Redis server as the remote tier."""
     tmp = tmp_path_factory.mktemp("profile")
     (tmp / "disk").mkdir()
     captured: list[tuple[TierProfile, Measurements]] = []
@@ -69,7 +79,8 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
             mp.setattr(profiling_cli, "measure", spy)
             argv = ["profile", "--model", str(tiny_model_dir), "--device", "cpu", "--quick"]
-            argv += ["--tiers", f"cpu,disk:{tmp / 'disk'}", "--out", str(tmp / "p.json")]
+            tiers = f"cpu,disk:{tmp / 'disk'},remote={redis_server.url}"
+            argv += ["--tiers", tiers, "--out", str(tmp / "p.json")]
             assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
@@ -86,7 +97,7 @@ def test_profile_loads_back_for_its_model_and_device(run: Run, tiny_model_dir: P
         run.out, expect_model=tiny_shape(tiny_model_dir), expect_device="cpu"
     )
     assert profile == run.profile
-    assert set(profile.tiers) == {"cpu", "disk"}
+    assert set(profile.tiers) == {"cpu", "disk", "remote"}
     assert profile.model.kv_bytes_per_token == 2 * 2 * 1 * 64 * 2
     assert profile.decode_coeffs is not None
     assert profile.decode_step_time(8, 4096) > profile.decode_step_time(1, 4096) > 0
@@ -116,7 +127,7 @@ def test_profile_holds_the_fits_of_its_points(run: Run) -> None:
 
 def test_fit_errors_are_reported(run: Run) -> None:
     errors = fit_errors(run.profile, run.measurements)
-    assert set(errors) == {"cpu tier", "disk tier", "prefill", "decode"}
+    assert set(errors) == {"cpu tier", "disk tier", "remote tier", "prefill", "decode"}
     assert all(np.isfinite(e) and e >= 0 for e in errors.values())
     assert f"prefill {errors['prefill']:.0%}" in run.stdout
 
@@ -127,18 +138,21 @@ def test_measured_grid(run: Run) -> None:
     assert {(b, c) for b, c, _ in m.decode.points} == {(1, 1024), (1, 8192), (8, 1024), (8, 8192)}
     # 32-token block of 512-byte tokens up to a 128k-token context, 16x apart.
     sizes = tuple(n * 512 for n in (32, 512, 8192, 131072))
-    assert [s.sizes for s in m.series] == [sizes] * 4
+    assert [s.sizes for s in m.series] == [sizes] * 6
     assert [(s.tier, s.reload) for s in m.series] == [
         ("cpu", True),
         ("cpu", False),
         ("disk", True),
         ("disk", False),
+        ("remote", True),
+        ("remote", False),
     ]
     # Duplex: the cpu tier's two halves of the largest copy, the disk's largest read.
     assert [(d.tier, d.nbytes) for d in m.duplex] == [
         ("cpu", sizes[-1] // 2),
         ("cpu", sizes[-1] // 2),
         ("disk", sizes[-1]),
+        ("remote", sizes[-1]),
     ]
     assert m.host_memcpy.nbytes == transfers.HOST_MEMCPY_BYTES
 
@@ -158,6 +172,19 @@ def test_write_duplex_and_memcpy_are_measured(run: Run) -> None:
     assert "write bandwidth = disk write + fsync" in profile.source
     assert "disk read during write + fsync" in profile.source
     assert "host->pool during pool->host" in profile.source
+    assert "redis GET during SET" in profile.source
+
+
+def test_remote_tier_is_timed_in_lmcache_chunks_and_leaves_no_key(
+    run: Run, redis_server: RedisServer
+) -> None:
+    """The remote tier moves 256-token values (128 KiB of the tiny model's KV), a context
+    costs more than one chunk, and the profiler's keys are gone from the shared server."""
+    remote = run.profile.tiers["remote"]
+    assert f"{256 * 512}-byte values (one LMCache chunk)" in run.profile.source
+    assert remote.transfer_time(131072 * 512) > remote.transfer_time(256 * 512) > 0
+    assert remote.write_bandwidth_bytes_per_s and remote.duplex_bandwidth_bytes_per_s
+    assert redis_server.keys() == 0
 
 
 def test_summary_shows_the_new_figures_and_their_provenance(run: Run) -> None:
@@ -322,6 +349,9 @@ def args(tiny_model_dir: Path) -> list[str]:
         (["--model", "/nonexistent/model"], r"no model config at /nonexistent/model"),
         (["--out", "/nonexistent/dir/p.json"], r"directory /nonexistent/dir does not exist"),
         (["--tiers", "cpu,nvme"], r"unknown tier 'nvme'; known tiers: cpu, disk"),
+        (["--tiers", "cpu,remote"], r"remote tier needs a URL: remote=redis://HOST:PORT"),
+        (["--tiers", "remote=http://127.0.0.1:1"], r"scheme 'http'; the remote tier is a Redis"),
+        (["--tiers", "remote=redis://127.0.0.1:1"], r"remote redis://127.0.0.1:1 does not answer"),
         (["--tiers", "disk"], r"disk tier needs a directory"),
         (["--tiers", "disk:/nonexistent"], r"/nonexistent does not exist or is not a directory"),
         (["--tiers", "cpu,cpu"], r"'cpu' given twice"),

@@ -31,6 +31,9 @@ from continuum_tiered.core.profile import Tier, prefill_increment
 # the slowest. LOCAL_TIERS: those of one machine.
 LOCAL_TIERS = ("cpu", "disk")
 TIER_ORDER = (*LOCAL_TIERS, "remote")
+# LMCache's unit of storage and lookup (its default chunk_size): one key per chunk in
+# every tier, one Redis value in the remote one.
+LMCACHE_CHUNK_TOKENS = 256
 
 
 class LRUTier:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import tempfile
@@ -27,8 +28,9 @@ from continuum_tiered.core.profile import (
     ProfileError,
     TierProfile,
 )
-from continuum_tiered.core.tier_model import TIER_ORDER
-from continuum_tiered.profiling import compute, disk, engine_steps, transfers
+from continuum_tiered.core.remote_tier import RemoteTierError, parse_remote_url
+from continuum_tiered.core.tier_model import LMCACHE_CHUNK_TOKENS, TIER_ORDER
+from continuum_tiered.profiling import compute, disk, engine_steps, remote, transfers
 from continuum_tiered.profiling.measure import (
     BLOCK_TOKENS,
     FULL,
@@ -47,12 +49,14 @@ from continuum_tiered.profiling.measure import (
 from continuum_tiered.profiling.report import Measurements, plot, summary
 
 MIN_MAX_TOKENS = 64
+TIERS_HELP = "cpu, disk:/path/to/dir, remote=redis://HOST:PORT"
 
 
 @dataclass(frozen=True)
 class TierRequest:
     name: str
-    directory: Path | None  # where the disk tier writes its files
+    directory: Path | None = None  # where the disk tier writes its files
+    url: str | None = None  # the remote tier's Redis server
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tiers",
         default="cpu",
-        help="comma-separated tiers to measure: cpu, disk:/dir (default: cpu)",
+        help="comma-separated tiers to measure: cpu, disk:/dir, remote=redis://HOST:PORT "
+        "(default: cpu)",
     )
     p.add_argument("--dtype", default="bf16", choices=sorted(compute.DTYPES))
     p.add_argument(
@@ -166,25 +171,45 @@ def load_config(path: Path) -> tuple[Path, dict[str, object]]:
 
 
 def parse_tiers(text: str) -> list[TierRequest]:
+    """``cpu``, ``disk:/dir`` and ``remote=redis://HOST:PORT`` (``:`` or ``=`` before a
+    tier's argument, either way), each checked: a directory written to, a server that
+    answers."""
     tiers = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, directory = item.partition(":")
+        name, sep, argument = _split_tier(item)
         if name not in TIER_ORDER:
-            raise ProfilingError(
-                f"--tiers: unknown tier {name!r}; known tiers: cpu, disk:/path/to/dir"
-            )
+            raise ProfilingError(f"--tiers: unknown tier {name!r}; known tiers: {TIERS_HELP}")
         if any(t.name == name for t in tiers):
             raise ProfilingError(f"--tiers: tier {name!r} given twice")
         if name == "cpu" and sep:
             raise ProfilingError(f"--tiers: the cpu tier takes no path, got {item!r}")
         if name == "disk":
-            if not directory:
+            if not argument:
                 raise ProfilingError("--tiers: the disk tier needs a directory: disk:/path")
-            disk.check_directory(Path(directory))
-        tiers.append(TierRequest(name, Path(directory) if directory else None))
+            disk.check_directory(Path(argument))
+            tiers.append(TierRequest(name, directory=Path(argument)))
+        elif name == "remote":
+            if not argument:
+                raise ProfilingError(
+                    "--tiers: the remote tier needs a URL: remote=redis://HOST:PORT"
+                )
+            try:
+                url = parse_remote_url(argument)
+            except RemoteTierError as error:
+                raise ProfilingError(f"--tiers: {error}") from None
+            remote.check_server(url)
+            tiers.append(TierRequest(name, url=url))
+        else:
+            tiers.append(TierRequest(name))
     if not tiers:
-        raise ProfilingError("--tiers: name at least one tier (cpu, disk:/path)")
+        raise ProfilingError(f"--tiers: name at least one tier ({TIERS_HELP})")
     return tiers
+
+
+def _split_tier(item: str) -> tuple[str, str, str]:
+    """``name``, the separator and the argument of ``name:arg`` or ``name=arg``."""
+    cut = min((i for i in (item.find(":"), item.find("=")) if i >= 0), default=len(item))
+    return item[:cut], item[cut : cut + 1], item[cut + 1 :]
 
 
 def check_output(out: Path) -> None:
@@ -283,13 +308,23 @@ def _measure_tiers(job: ProfileJob) -> tuple[list[Series], list[Timed], list[str
     duplex: list[Timed] = []
     notes = [load_note()]
     for tier in job.tiers:
-        if tier.directory is None:
+        result: transfers.TransferResult | disk.DiskResult | remote.RemoteResult
+        if tier.directory is not None:
+            budget = min(disk.disk_budget_bytes(tier.directory), available_host_bytes() / 4)
+            result = disk.measure_disk(tier.directory, sizes(budget), job.plan.disk_repeats)
+        elif tier.url is not None:
+            # The server's memory bounds what it holds; where it runs here, so does ours.
+            budget = min(
+                remote.remote_budget_bytes(tier.url) or math.inf, available_host_bytes() / 4
+            )
+            chunk_bytes = LMCACHE_CHUNK_TOKENS * kv
+            result = remote.measure_remote(
+                tier.url, sizes(budget), chunk_bytes, job.plan.transfer_repeats
+            )
+        else:
             result = transfers.measure_transfers(
                 job.device, sizes(_copy_budget(job.device)), job.plan.transfer_repeats
             )
-        else:
-            budget = min(disk.disk_budget_bytes(tier.directory), available_host_bytes() / 4)
-            result = disk.measure_disk(tier.directory, sizes(budget), job.plan.disk_repeats)
         series += result.series
         duplex += result.duplex
         notes += result.notes

@@ -20,20 +20,17 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import psutil
-import redis
 
-from continuum_tiered.core.tier_model import TIER_ORDER
+from continuum_tiered.core.remote_tier import RemoteTierError, check_remote, parse_remote_url
+from continuum_tiered.core.tier_model import LMCACHE_CHUNK_TOKENS, TIER_ORDER
 
 GIB = 1024**3
 DISK_SUBDIR = "continuum-lmcache"
-REMOTE_SCHEMES = ("redis",)
-REMOTE_CHECK_TIMEOUT_S = 3.0
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -45,7 +42,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE
 #   Python's hash(), which differs between the scheduler and worker processes unless
 #   PYTHONHASHSEED is fixed, so lookups would never hit.
 LMCACHE_DEFAULTS: dict[str, object] = {
-    "lmcache.chunk_size": 256,
+    "lmcache.chunk_size": LMCACHE_CHUNK_TOKENS,
     "lmcache.save_decode_cache": True,
     "lmcache.pre_caching_hash_algorithm": "sha256_cbor",
 }
@@ -92,7 +89,7 @@ class Tiers:
                     "disk_cleanup": cleanup,
                 }
             else:
-                fields["remote_url"] = parse_remote_url(value)
+                fields["remote_url"] = _remote(parse_remote_url, value)
         if not seen:
             raise TierSpecError("--tiers: no tier given")
         below = sorted(seen - {"cpu"})
@@ -112,7 +109,7 @@ class Tiers:
                 "memory available"
             )
         if self.remote_url is not None:
-            check_remote(self.remote_url)
+            _remote(check_remote, self.remote_url)
         if self.disk_dir is not None:
             self._check_disk(self.disk_dir)
 
@@ -163,34 +160,6 @@ def lmcache_tier_bytes(config: Mapping[str, object]) -> dict[str, float] | None:
     return sizes
 
 
-def parse_remote_url(text: str) -> str:
-    """``redis://HOST[:PORT][/DB]`` as given, or a TierSpecError naming what is wrong."""
-    try:
-        url = urlsplit(text)
-        url.port  # noqa: B018 -- raises ValueError on a port that is not a number
-    except ValueError as error:
-        raise TierSpecError(f"--tiers: remote {text!r} is not a URL: {error}") from None
-    if url.scheme not in REMOTE_SCHEMES:
-        raise TierSpecError(
-            f"--tiers: remote {text!r} has scheme {url.scheme or '(none)'!r}; the remote "
-            "tier is a Redis server: remote=redis://HOST:PORT"
-        )
-    if not url.hostname:
-        raise TierSpecError(f"--tiers: remote {text!r} names no host: remote=redis://HOST:PORT")
-    return text
-
-
-def check_remote(url: str, timeout_s: float = REMOTE_CHECK_TIMEOUT_S) -> None:
-    """Raise TierSpecError unless the Redis server at ``url`` answers a PING."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        raise TierSpecError(f"--tiers: remote {url} does not answer: {error}") from None
-    finally:
-        client.close()
-
-
 def parse_size(text: str, tier: str) -> int:
     match = _SIZE.match(text)
     if match is None:
@@ -209,6 +178,14 @@ def _split_disk(value: str) -> tuple[str, str, bool]:
     if len(parts) != 2 or not parts[0]:
         raise TierSpecError(f"--tiers: disk expects PATH:SIZE[:cleanup], got {value!r}")
     return parts[0], parts[1], cleanup
+
+
+def _remote(check: Callable[[str], object], url: str) -> str:
+    try:
+        check(url)
+    except RemoteTierError as error:
+        raise TierSpecError(f"--tiers: {error}") from None
+    return url
 
 
 def _gib(n: int) -> str:
