@@ -19,7 +19,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from continuum_tiered.sim.program_run import ProgramRun
 
@@ -34,6 +35,9 @@ class ReplicaView(Protocol):
     def load(self) -> int: ...
 
     def held_prefix_blocks(self, block_hashes: list) -> int: ...
+
+
+R = TypeVar("R", bound=ReplicaView)
 
 
 def _point(key: str) -> int:
@@ -63,14 +67,14 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def route(self, run: ProgramRun, live: Sequence[ReplicaView]) -> ReplicaView:
+    def route(self, run: ProgramRun, live: Sequence[R]) -> R:
         chosen = live[self._next % len(live)]
         self._next += 1
         return chosen
 
 
 class LeastLoaded:
-    def route(self, run: ProgramRun, live: Sequence[ReplicaView]) -> ReplicaView:
+    def route(self, run: ProgramRun, live: Sequence[R]) -> R:
         return min(live, key=lambda r: r.load())
 
 
@@ -78,7 +82,7 @@ class ProgramAffine:
     def __init__(self, replicas: int):
         self.ring = HashRing(range(replicas))
 
-    def route(self, run: ProgramRun, live: Sequence[ReplicaView]) -> ReplicaView:
+    def route(self, run: ProgramRun, live: Sequence[R]) -> R:
         by_index = {r.replica: r for r in live}
         for gone in self.ring.nodes - by_index.keys():  # the ring without lost replicas
             self.ring.remove(gone)
@@ -86,13 +90,13 @@ class ProgramAffine:
 
 
 class CacheAware:
-    def route(self, run: ProgramRun, live: Sequence[ReplicaView]) -> ReplicaView:
+    def route(self, run: ProgramRun, live: Sequence[R]) -> R:
         held = {r.replica: r.held_prefix_blocks(run.block_hashes) for r in live}
         return min(live, key=lambda r: (-held[r.replica], r.load()))
 
 
 class Router(Protocol):
-    def route(self, run: ProgramRun, live: Sequence[ReplicaView]) -> ReplicaView: ...
+    def route(self, run: ProgramRun, live: Sequence[R]) -> R: ...
 
 
 # Each router from the number of replicas.
@@ -104,8 +108,29 @@ ROUTERS: dict[str, Callable[[int], Router]] = {
 }
 
 
-def make_router(name: str, replicas: int) -> Router:
-    try:
-        return ROUTERS[name](replicas)
-    except KeyError:
-        raise ValueError(f"unknown routing {name!r}; choose from {', '.join(ROUTERS)}") from None
+FAILED_REPLICA = 0  # the replica a failure takes down
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """``replicas`` copies of one deployment behind ``routing``; with ``fail_at_s``,
+    replica ``FAILED_REPLICA`` is lost at that virtual time. ``shared_tier``: replicas
+    with LMCache share a remote tier below their disks."""
+
+    replicas: int
+    routing: str = "program-affine"
+    fail_at_s: float | None = None
+    shared_tier: bool = True
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
+        if self.routing not in ROUTERS:
+            raise ValueError(f"unknown routing {self.routing!r}; choose from {', '.join(ROUTERS)}")
+        if self.fail_at_s is not None and self.replicas < 2:
+            raise ValueError("--fail-replica-at needs at least 2 replicas: one must survive")
+        if self.fail_at_s is not None and self.fail_at_s < 0:
+            raise ValueError(f"--fail-replica-at must be >= 0 seconds, got {self.fail_at_s}")
+
+    def router(self) -> Router:
+        return ROUTERS[self.routing](self.replicas)
