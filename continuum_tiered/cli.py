@@ -6,12 +6,16 @@ import argparse
 import sys
 
 from continuum_tiered.client.proxy.cli import add_proxy_parser
+from continuum_tiered.cluster.cli import add_cluster_parser
 from continuum_tiered.lab import demo
 from continuum_tiered.profiling import cli as profiling_cli
 from continuum_tiered.replay.cli import add_replay_parser
 from continuum_tiered.sim.cli import add_simulate_parser
 from continuum_tiered.traces.cli import add_trace_parser
 from continuum_tiered.vllm import serve
+
+# Commands that hand the arguments they do not know to vLLM (cluster: to every replica).
+PASSTHROUGH_COMMANDS = ("serve", "cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(subparsers)
     add_replay_parser(subparsers)
     add_proxy_parser(subparsers)
+    add_cluster_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, passthrough = parser.parse_known_args(argv)
-    if passthrough and args.command != "serve":
+    if passthrough and args.command not in PASSTHROUGH_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     try:
         return args.run(args, passthrough)

@@ -82,12 +82,19 @@ def tiny_engine_flags(model_dir: Path, num_blocks: int) -> list[str]:
 class ServerProcess:
     """A server command run until ``/health`` answers; its output goes to ``log_path``.
 
-    ``command`` gets ``--host 127.0.0.1 --port PORT`` appended. Used as a context manager
-    it always stops the process group, so no engine process outlives a test.
+    ``command`` gets ``--host 127.0.0.1 --port PORT`` appended (``port``: a free one unless
+    given). Used as a context manager it always stops the process group, so no engine
+    process outlives a test. ``launch`` and ``wait_ready`` apart start several servers at once.
     """
 
-    def __init__(self, command: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(
+        self,
+        command: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ):
+        self.port = port or free_port()
         self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
@@ -98,6 +105,11 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 300.0) -> ServerProcess:
+        self.launch()
+        return self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process (in a session of its own) without waiting for it."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -107,6 +119,11 @@ class ServerProcess:
                 env=self.env,
                 start_new_session=True,
             )
+
+    def wait_ready(self, timeout_s: float = 300.0) -> ServerProcess:
+        """Wait until ``/health`` answers; stop the server and raise ServerError if it exits
+        or does not answer in ``timeout_s``."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
