@@ -45,6 +45,13 @@ def add_cluster_parser(subparsers: argparse._SubParsersAction) -> None:
         f"tier gets a folder per replica under PATH; default: {DEFAULT_TIERS})",
     )
     p.add_argument("--policy", help="retention policy of every replica (default: serve's)")
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a retention policy option of every replica, as for serve (repeatable)",
+    )
     p.add_argument("--router-policy", choices=ROUTER_POLICIES, default="consistent_hash")
     p.add_argument(
         "--shared-tier",
@@ -91,6 +98,7 @@ def _run(args: argparse.Namespace, passthrough: list[str]) -> int:
         else:
             model, engine_flags = args.model, []
         policy = ("--policy", args.policy) if args.policy else ()
+        policy += tuple(arg for item in args.policy_option for arg in ("--policy-option", item))
         config = ClusterConfig(
             replicas=args.replicas,
             replica=ReplicaConfig(
