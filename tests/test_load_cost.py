@@ -1,10 +1,13 @@
 """The cost-aware load decision: a tier hit is loaded or recomputed, priced over two turns
-and, with layer-wise loads, at what the prompt's own compute does not hide."""
+and, with layer-wise loads, at what the prompt's own compute does not hide; and the model
+of LMCache's tiers it reads (``TierStore``) with the remote tier."""
 
 from __future__ import annotations
 
+import math
+
 from continuum_tiered.core.profile import Tier
-from continuum_tiered.core.tier_model import LoadCost
+from continuum_tiered.core.tier_model import LoadCost, TierStore
 
 BLOCK = 16
 BLOCK_BYTES = 1000
@@ -52,3 +55,29 @@ def test_the_prefill_is_the_hits_after_the_gpu_prefix() -> None:
     quadratic = LoadCost(tiers, BLOCK, BLOCK_BYTES, (0.0, 0.001, 1e-6))
     assert not quadratic.load_pays(0, ["cpu"], prompt_tokens=17)  # 40 ms > 16 ms
     assert quadratic.load_pays(10_000, ["cpu"], prompt_tokens=10_017)  # 40 < 16 + 320 ms
+
+
+def test_a_remote_hit_is_priced_like_a_disk_hit_and_an_unpriced_tier_is_loaded() -> None:
+    """A load from Redis promotes to the CPU tier as a disk load does; a tier the profile
+    has no figures for is loaded, as LMCache alone would."""
+    remote = {**cost(1.0, 0.001).tiers, "remote": Tier("remote", BLOCK_BYTES / 0.020, 0.0)}
+    priced = LoadCost(remote, BLOCK, BLOCK_BYTES, PREFILL)
+    assert priced.load_pays(0, ["remote", "remote"], prompt_tokens=33)  # 40 + 2 < 64 ms
+    slow = {**remote, "remote": Tier("remote", BLOCK_BYTES / 0.035, 0.0)}
+    assert not LoadCost(slow, BLOCK, BLOCK_BYTES, PREFILL).load_pays(0, ["remote"] * 2, 33)
+    assert cost(1.0, 0.001).load_pays(0, ["cpu", "remote"], prompt_tokens=33)
+
+
+def test_the_remote_tier_is_written_through_and_found_last() -> None:
+    store = TierStore.sized(2 * BLOCK_BYTES, BLOCK_BYTES, BLOCK_BYTES, math.inf)
+    for key in "abcd":
+        store.store(key)
+    # c, d in CPU; b pushed to disk; a pushed off disk, still in the remote tier.
+    assert store.lookup(list("abcd")) == ["remote", "disk", "cpu", "cpu"]
+    assert store.lookup(["e", "a"]) == []
+    assert store.tier_of_prefix(3) == "disk" and store.tier_of_prefix(10**6) == "remote"
+    no_remote = TierStore.sized(2 * BLOCK_BYTES, BLOCK_BYTES, BLOCK_BYTES)
+    for key in "abcd":
+        no_remote.store(key)
+    assert not no_remote.has_remote and no_remote.lookup(["a"]) == []
+    assert no_remote.tier_of_prefix(4) is None

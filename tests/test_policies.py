@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace as dataclass_replace
 
 import pytest
 from vllm.v1.core.block_pool import BlockPool
@@ -79,6 +80,22 @@ def test_continuum_benefit_uses_the_tier_and_queue_delay() -> None:
     assert policy.queue_delay.value == 2.0
     assert policy.decide(_turn(tokens=3000, tier="cpu")).benefit_s == pytest.approx(2.3)
     assert policy.decide(_turn(tokens=3000)).benefit_s == pytest.approx(5.0)
+
+
+def test_kv_in_the_remote_tier_is_priced_at_its_reload() -> None:
+    """A profile's remote tier (Redis, 0.5 ms per token here) prices the KV a policy will
+    find there: between the CPU tier's reload and a recompute."""
+    remote = Tier("remote", bandwidth_bytes_per_s=2e6, latency_s=0.0)
+    policy = ContinuumPolicy(dataclass_replace(PROFILE, tiers={**PROFILE.tiers, "remote": remote}))
+    benefit = {
+        tier: policy.decide(_turn(tokens=3000, tier=tier)).benefit_s
+        for tier in ("cpu", "remote", None)
+    }
+    assert benefit == {
+        "cpu": pytest.approx(0.3),
+        "remote": pytest.approx(1.5),
+        None: pytest.approx(3.0),
+    }
 
 
 def test_continuum_benefit_follows_each_new_observation() -> None:
