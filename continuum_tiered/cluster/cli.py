@@ -97,8 +97,8 @@ def _run(args: argparse.Namespace, passthrough: list[str]) -> int:
             engine_flags = tiny_engine_flags(Path(model), args.kv_blocks)
         else:
             model, engine_flags = args.model, []
-        policy = ("--policy", args.policy) if args.policy else ()
-        policy += tuple(arg for item in args.policy_option for arg in ("--policy-option", item))
+        policy = ["--policy", args.policy] if args.policy else []
+        policy += [arg for item in args.policy_option for arg in ("--policy-option", item)]
         config = ClusterConfig(
             replicas=args.replicas,
             replica=ReplicaConfig(

@@ -13,8 +13,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:``port`` now."""
+    """Whether a server could listen on 127.0.0.1:``port`` now. Connections of a server
+    that has gone (TIME_WAIT) do not count: servers bind with SO_REUSEADDR."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
