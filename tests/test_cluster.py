@@ -25,7 +25,13 @@ import pytest
 from continuum_tiered.cli import main
 from continuum_tiered.client.agent_program import AgentProgram
 from continuum_tiered.cluster.launch import Cluster, ClusterConfig, ClusterError
-from continuum_tiered.cluster.replicas import ReplicaConfig, replica_tiers
+from continuum_tiered.cluster.replicas import (
+    GPU_ENV,
+    OMP_BIND_ENV,
+    ReplicaConfig,
+    device_binding,
+    replica_tiers,
+)
 from continuum_tiered.core.net import free_port, port_is_free
 from continuum_tiered.core.server_process import prometheus_samples, tiny_engine_flags
 
@@ -218,6 +224,19 @@ def test_each_replica_gets_its_own_disk_folder_and_the_shared_tier():
     assert spec == "cpu=1GiB,disk=/data/kv/replica-3:10GiB:cleanup,remote=redis://10.0.0.5:6379"
     with pytest.raises(ValueError, match="remote tier is its own Redis"):
         replica_tiers("cpu=1GiB,remote=redis://elsewhere:6379", 0, None)
+
+
+def test_each_replica_gets_devices_of_its_own(monkeypatch):
+    assert device_binding(0, 2) == {GPU_ENV: "0,1"}
+    assert device_binding(1, 2) == {GPU_ENV: "2,3"}
+    monkeypatch.delenv(OMP_BIND_ENV, raising=False)
+    cores = sorted(os.sched_getaffinity(0))
+    bound = [device_binding(i, 0)[OMP_BIND_ENV] for i in range(len(cores))]  # CPU build
+    assert bound == [str(c) for c in cores]
+    monkeypatch.setenv(OMP_BIND_ENV, "0-1")
+    assert device_binding(1, 0) == {}  # the user's binding stands
+    with pytest.raises(ValueError, match="--gpus-per-replica"):
+        ReplicaConfig("m", gpus_per_replica=-1).check()
 
 
 # ------------------------------------------------------------- one cluster, two replicas

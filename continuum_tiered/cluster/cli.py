@@ -68,6 +68,14 @@ def add_cluster_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"the tiny model's KV pool per replica, in 32-token blocks (default: "
         f"{TINY_KV_BLOCKS})",
     )
+    p.add_argument(
+        "--gpus-per-replica",
+        type=int,
+        default=0,
+        metavar="K",
+        help="give replica i GPUs i*K .. i*K+K-1 (CUDA_VISIBLE_DEVICES; default 0: every "
+        "replica sees the devices this command sees)",
+    )
     p.add_argument("--redis-maxmemory", default="1gb", help="the shared tier's size")
     p.add_argument(
         "--workdir", type=Path, help="logs and the tiny model (default: a temporary folder)"
@@ -102,7 +110,10 @@ def _run(args: argparse.Namespace, passthrough: list[str]) -> int:
         config = ClusterConfig(
             replicas=args.replicas,
             replica=ReplicaConfig(
-                model, (*policy, *engine_flags, *passthrough), local_tiers=args.tiers
+                model,
+                (*policy, *engine_flags, *passthrough),
+                local_tiers=args.tiers,
+                gpus_per_replica=args.gpus_per_replica,
             ),
             shared_tier=args.shared_tier,
             router_policy=args.router_policy,

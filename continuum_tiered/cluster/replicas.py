@@ -14,6 +14,7 @@ from continuum_tiered.vllm.serve import is_cpu_build
 from continuum_tiered.vllm.tiers import Tiers
 
 OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,12 @@ class ReplicaConfig:
     serve_args: tuple[str, ...] = ()  # serve's own options and vLLM flags, in any order
     local_tiers: str | None = None  # cpu=SIZE[,disk=PATH:SIZE[:cleanup]]
     env: Mapping[str, str] = field(default_factory=dict)
+    gpus_per_replica: int = 0  # replica i sees GPUs i*K .. i*K+K-1; 0: the devices as they are
 
     def check(self) -> None:
-        """Fail before anything starts on tiers no replica could run with."""
+        """Fail before anything starts on tiers or devices no replica could run with."""
+        if self.gpus_per_replica < 0:
+            raise ValueError(f"--gpus-per-replica must be >= 0, got {self.gpus_per_replica}")
         if self.local_tiers is not None:
             Tiers.parse(replica_tiers(self.local_tiers, 0, None) or "")
 
@@ -51,10 +55,14 @@ def replica_tiers(local: str | None, index: int, remote_url: str | None) -> str 
     return ",".join(tiers) or None
 
 
-def cpu_binding(index: int) -> dict[str, str]:
-    """On vLLM's CPU build, replica ``index``'s worker threads on a core of their own
-    (round robin over this process's cores): vLLM's automatic binding would put every
-    replica's worker on the same core. Left to vLLM where the user set it."""
+def device_binding(index: int, gpus_per_replica: int) -> dict[str, str]:
+    """The devices of replica ``index``: with ``gpus_per_replica`` K, GPUs i*K .. i*K+K-1
+    (``CUDA_VISIBLE_DEVICES``); on vLLM's CPU build, a core of its own for its worker's
+    threads (round robin over this process's cores), where vLLM's automatic binding would
+    put every replica's worker on the same core. Left as they are where the user set them."""
+    if gpus_per_replica > 0:
+        first = index * gpus_per_replica
+        return {GPU_ENV: ",".join(str(g) for g in range(first, first + gpus_per_replica))}
     if not is_cpu_build() or OMP_BIND_ENV in os.environ:
         return {}
     cores = sorted(os.sched_getaffinity(0))
@@ -70,5 +78,5 @@ def replica_server(
         disk_dir.parent.mkdir(parents=True, exist_ok=True)  # serve checks it is there
     tier_args = ("--tiers", tiers) if tiers else ()
     command = continuum_serve_command(config.model, *config.serve_args, *tier_args)
-    env = {**cpu_binding(index), **config.env}
+    env = {**device_binding(index, config.gpus_per_replica), **config.env}
     return ServerProcess(command, log_dir / f"replica-{index}.log", env)
