@@ -43,7 +43,11 @@ def test_a_remote_tier_gives_lmcache_its_redis_url():
         tiers = Tiers.parse(f"cpu=1GB,remote={redis_server.url}")
         tiers.check()
     config = tiers.lmcache_config()
-    assert config["lmcache.remote_url"] == redis_server.url
+    # The URL LMCache connects with bounds every Redis call (a frozen server stalls none).
+    timeouts = "socket_connect_timeout=2&socket_timeout=5"
+    assert config["lmcache.remote_url"] == f"{redis_server.url}?{timeouts}"
+    own = Tiers.parse("cpu=1GB,remote=redis://h:1/2?socket_timeout=30").lmcache_config()
+    assert own["lmcache.remote_url"] == "redis://h:1/2?socket_connect_timeout=2&socket_timeout=30"
     assert config["lmcache.remote_serde"] == "naive"
     # Redis bounds the shared tier, not this server: the scheduler's model takes it as unbounded.
     assert lmcache_tier_bytes(config) == {"cpu": GIB, "remote": math.inf}

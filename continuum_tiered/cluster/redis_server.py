@@ -10,6 +10,7 @@ a restart that starts empty is what LMCache expects of it.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,9 +92,22 @@ class RedisServer:
         """How many keys the server holds (LMCache stores a chunk's KV and metadata)."""
         return int(redis.Redis(port=self.port, socket_timeout=2).dbsize())
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers, as on a
+        hung or partitioned host."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signum)
+
     def stop(self) -> None:
         if self._process is None:
             return
+        self.resume()  # a frozen server would not act on SIGTERM
         if self._process.poll() is None:
             self._process.terminate()
             try:

@@ -7,12 +7,16 @@ any work starts, naming the URL and the problem, when it is malformed or does no
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 
 SCHEMES = ("redis",)  # LMCache 0.5.6's RedisConnector; the one tested here
 CHECK_TIMEOUT_S = 3.0
+# What LMCache's Redis calls may wait on a server that stopped answering. LMCache 0.5.6
+# waits on some without a limit (RemoteBackend.contains: ``future.result()``), and redis-py
+# sets none by default, so a frozen server would stall the engine's steps.
+SOCKET_TIMEOUTS = {"socket_connect_timeout": "2", "socket_timeout": "5"}
 
 
 class RemoteTierError(ValueError):
@@ -45,3 +49,11 @@ def check_remote(url: str, timeout_s: float = CHECK_TIMEOUT_S) -> None:
         raise RemoteTierError(f"remote {url} does not answer: {error}") from None
     finally:
         client.close()
+
+
+def with_timeouts(url: str) -> str:
+    """``url`` with redis-py's socket timeouts in its query (``SOCKET_TIMEOUTS``), where
+    the user set none: the URL LMCache's ``RedisConnector`` builds its pool from."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    return parts._replace(query=urlencode({**SOCKET_TIMEOUTS, **query})).geturl()

@@ -26,7 +26,12 @@ from pathlib import Path
 
 import psutil
 
-from continuum_tiered.core.remote_tier import RemoteTierError, check_remote, parse_remote_url
+from continuum_tiered.core.remote_tier import (
+    RemoteTierError,
+    check_remote,
+    parse_remote_url,
+    with_timeouts,
+)
 from continuum_tiered.core.tier_model import LMCACHE_CHUNK_TOKENS, TIER_ORDER
 
 GIB = 1024**3
@@ -139,7 +144,8 @@ class Tiers:
         if self.remote_url is not None:
             # LMCache 0.5.6 reads remote_url (its RedisConnector for redis://) and writes
             # each chunk there as it writes the local tiers; "naive" serde: raw KV bytes.
-            config["lmcache.remote_url"] = self.remote_url
+            # The URL carries socket timeouts, so a frozen server cannot stall a step.
+            config["lmcache.remote_url"] = with_timeouts(self.remote_url)
             config["lmcache.remote_serde"] = "naive"
         return config
 
