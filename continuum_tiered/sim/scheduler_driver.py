@@ -59,6 +59,9 @@ class DriverConfig:
     kv_transfer_config: dict[str, Any] | None = None
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     async_scheduling: bool = False
+    # The scheduler's per-step statistics (connector metrics among them); a replay that
+    # reads none saves their cost.
+    log_stats: bool = True
 
 
 def build_vllm_config(cfg: DriverConfig) -> VllmConfig:
@@ -125,7 +128,7 @@ class SchedulerDriver:
             structured_output_manager=StructuredOutputManager(self.vllm_config),
             block_size=cfg.block_size,
             hash_block_size=cfg.block_size,
-            log_stats=True,
+            log_stats=cfg.log_stats,
         )
         hash_fn = get_hash_fn_by_name(self.vllm_config.cache_config.prefix_caching_hash_algo)
         init_none_hash(hash_fn)

@@ -14,6 +14,7 @@ from continuum_tiered.core.deployment import Deployment
 from continuum_tiered.core.metrics import RunSummary, summarize
 from continuum_tiered.core.profile import TierProfile
 from continuum_tiered.core.profile_source import resolve_profile
+from continuum_tiered.core.tier_model import LOCAL_TIERS
 from continuum_tiered.sim.lmcache_model import CONNECTOR_NAME as LMCACHE_CONNECTOR
 from continuum_tiered.sim.lmcache_model import register as register_lmcache_model
 from continuum_tiered.sim.peers import QUEUE_ORDERS, Peer
@@ -25,10 +26,6 @@ from continuum_tiered.sim.virtual_engine import Arrivals, Replicas, VirtualEngin
 from continuum_tiered.traces.model import TraceProgram
 from continuum_tiered.vllm.plugin import CONNECTOR_NAME
 from continuum_tiered.vllm.serve import kv_transfer_config
-
-# The tiers a replica's LMCache keeps itself, nearest first (a cluster's shared tier is
-# :mod:`.shared_tier`'s).
-LOCAL_TIERS = ("cpu", "disk")
 
 
 @dataclass(frozen=True)
@@ -122,6 +119,7 @@ def driver_config(
         scheduling_policy=peer.scheduling_policy,
         kv_transfer_config=connector_config(peer, setup, profile),
         async_scheduling=d.async_scheduling,
+        log_stats=False,
     )
 
 

@@ -6,6 +6,10 @@ pass and the clock are modelled; admission, prefix caching, preemption and the K
 connectors are vLLM's and ours. Tool calls are pauses in virtual time: a program's next
 turn arrives ``tool_duration_s`` after its previous turn finished.
 
+``VirtualEngine`` is one replica, ``Arrivals`` the programs' turns in time order and
+``Replicas`` the loop that feeds one or several engines on one clock (a cluster routes
+each turn, :mod:`.cluster`).
+
 A served turn also takes time outside the engine: the HTTP request, the API server's
 request and response handling, the streamed reply and the client's own work, all on
 cores the engine shares on a CPU build. The replay charges it as ``request_overhead_s``
@@ -318,22 +322,30 @@ class Replicas:
     def run(self, on_program_done: Callable[[], None], until_s: float = math.inf) -> None:
         """Until every program is done, or until the next thing to happen is at or after
         ``until_s``."""
+        # The busy engines by clock. Only its own step moves a busy engine's clock (a turn
+        # routed to it arrives at or before it), so an entry stays valid until popped.
+        behind = [(e.now, e.replica, e) for e in self.live if e.busy()]
+        heapq.heapify(behind)
         while True:
-            busy = [e for e in self.live if e.busy()]
-            engine = min(busy, key=lambda e: e.now, default=None)
-            step_s = math.inf if engine is None else engine.now
+            step_s = behind[0][0] if behind else math.inf
             arrival = self.arrivals.next_s()
             arrival_s = math.inf if arrival is None else arrival
             if min(step_s, arrival_s) >= until_s:  # with until_s infinite: nothing left
                 return
             if arrival_s <= step_s:
                 run = self.arrivals.pop()
-                self.route(run, self.live).submit(run, arrival_s)
+                engine = self.route(run, self.live)
+                idle = not engine.busy()
+                engine.submit(run, arrival_s)
+                if idle:
+                    heapq.heappush(behind, (engine.now, engine.replica, engine))
                 continue
-            assert engine is not None
+            engine = heapq.heappop(behind)[2]
             next_s = min(arrival_s, until_s)
             for run, seen_s in engine.advance(None if next_s == math.inf else next_s):
                 self.arrivals.turn_done(run, seen_s, on_program_done)
+            if engine.busy():
+                heapq.heappush(behind, (engine.now, engine.replica, engine))
 
     def remove(self, engine: VirtualEngine, at_s: float) -> list[ProgramRun]:
         """``engine`` is lost at ``at_s`` with all it held; the turns it was serving start
