@@ -66,14 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     timed = with_poisson_arrivals(programs, jps, args.seed)
     fail_at = args.fail_at if args.fail_at is not None else timed[-1].arrival_s
     single = with_poisson_arrivals(programs[: max(1, programs_total // n)], jps / n, args.seed)
-    # Cheapest first, then one router at a time for every system.
-    plan = [(peer, ClusterSpec(1, "round-robin"), single, jps / n) for peer in systems]
-    plan += [
-        (peer, ClusterSpec(n, routing.strip(), fail), timed, jps)
-        for routing, fail in [(r, None) for r in args.routings.split(",")]
-        + [(r, fail_at) for r in args.fail_routings.split(",") if r.strip()]
+    # One router at a time for every system, each lost-replica run right after its
+    # router's whole runs; the single-replica reference last.
+    failing = {r.strip() for r in args.fail_routings.split(",") if r.strip()}
+    cases = [(r.strip(), fail) for r in args.routings.split(",") for fail in (None, fail_at)]
+    plan = [
+        (peer, ClusterSpec(n, routing, fail), timed, jps)
+        for routing, fail in cases
+        if fail is None or routing in failing
         for peer in systems
     ]
+    plan += [(peer, ClusterSpec(1, "round-robin"), single, jps / n) for peer in systems]
 
     args.out.mkdir(parents=True, exist_ok=True)
     shared = shared_tier_of(setup.profile())
