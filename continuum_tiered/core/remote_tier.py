@@ -14,8 +14,10 @@ import redis
 SCHEMES = ("redis",)  # LMCache 0.5.6's RedisConnector; the one tested here
 CHECK_TIMEOUT_S = 3.0
 # What LMCache's Redis calls may wait on a server that stopped answering. LMCache 0.5.6
-# waits on some without a limit (RemoteBackend.contains: ``future.result()``), and redis-py
-# sets none by default, so a frozen server would stall the engine's steps.
+# waits on some without a limit (RemoteBackend.contains: ``future.result()``) and redis-py
+# sets none by default: on a frozen server (measured, SIGSTOP) its worker-side lookup and
+# its writes then wait until the server answers again, every lookup meanwhile costs the
+# scheduler its 3 s lookup timeout, and pending writes hold their chunks' memory.
 SOCKET_TIMEOUTS = {"socket_connect_timeout": "2", "socket_timeout": "5"}
 
 
