@@ -50,4 +50,9 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x "$VENV/bin/redis-server" 
     chmod +x "$VENV/bin/$tool"
   done
 fi
+# Unmodified agent frameworks for tests/test_unmodified_agents.py, in an environment of
+# their own: their pins (openai, numpy, pandas, ...) would replace vLLM's.
+AGENTS=$VENV/agents
+[ -x "$AGENTS/bin/python" ] || "$PYTHON" -m venv "$AGENTS"
+"$AGENTS/bin/python" -m pip install --quiet "mini-swe-agent==2.4.6" "smolagents[openai]==1.26.0"
 echo "$want" > "$STAMP"

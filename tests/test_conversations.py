@@ -232,6 +232,15 @@ def test_bad_prompts_name_the_problem(body):
         prompt_of(body)
 
 
+def test_a_flat_prompt_past_the_limit_gets_no_identity(monkeypatch):
+    monkeypatch.setattr("continuum_tiered.core.conversations.MAX_FLAT_UNITS", 10)
+    FlatPrompt.of("x" * 10)
+    with pytest.raises(ConversationError, match="past the 10"):
+        FlatPrompt.of("x" * 11)
+    with pytest.raises(ConversationError, match="past the 10"):
+        FlatPrompt.of("x" * 6).extended("y" * 5)
+
+
 def test_invalid_limits_are_refused():
     with pytest.raises(ValueError, match="idle timeout"):
         ConversationIndex(idle_timeout_s=0)

@@ -183,7 +183,8 @@ def test_one_api_key_cannot_end_another_keys_program(servers):
     pins = server.metric("vllm:continuum_active_pins")
     turn(tokens(41, 64), "key-B", 1, True)  # "ends" shared-id: only key B's, which had none
     for seed in (42, 43):  # churn the rest of the pool: unpinned blocks are evicted
-        assert server.complete(tokens(seed, 1200)).status_code == 200
+        churn = hints(f"churn-{seed}", 0, last=True)  # one-turn programs: nothing pinned
+        assert server.complete(tokens(seed, 1200), kv_transfer_params=churn).status_code == 200
     assert server.metric("vllm:continuum_active_pins") == pins
     a1 = turn([*a0, *out_a0, *tokens(44, 50)], "key-A", 1, True)
     assert a1.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 640

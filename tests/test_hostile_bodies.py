@@ -21,7 +21,12 @@ from continuum_tiered.client.proxy.app import ProxyOptions, create_app
 from continuum_tiered.core.hints import MAX_PROGRAM_ID_LEN
 from continuum_tiered.core.request_body import MAX_JSON_DEPTH, BodyError, load_json_object
 from continuum_tiered.core.tenancy import api_key_scope, scoped_program_id
-from continuum_tiered.vllm.middleware import HintValidationMiddleware, ProgramScopeMiddleware
+from continuum_tiered.vllm.middleware import (
+    HintValidationMiddleware,
+    ProgramIdentityMiddleware,
+    ProgramScopeMiddleware,
+    ScopedProgramIdentityMiddleware,
+)
 
 
 async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,6 +128,41 @@ def test_the_middleware_answers_hostile_bodies_400_or_passes_them_on(validating,
         check(validating.post(path, content=body), body, expected)
 
 
+@pytest.fixture(scope="module", params=[ProgramIdentityMiddleware, ScopedProgramIdentityMiddleware])
+def identifying(request) -> Iterator[httpx.Client]:
+    yield from client_of(request.param)
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_the_identity_middleware_answers_hostile_bodies_400_or_passes_them_on(identifying, name):
+    """As the validating one, except that a completion body that is a JSON object goes on
+    with its program's priority (and hints, its conversation being a program)."""
+    body, expected = HOSTILE[name]
+    response = identifying.post("/v1/completions", content=body)
+    if expected != PASS:
+        check(response, body, expected)
+    elif load_json_object(body) is None:
+        check(response, body, PASS)  # not an object: untouched
+    else:
+        assert response.status_code == 200
+        assert "priority" in json.loads(response.content)
+
+
+def test_the_identity_middleware_gives_a_conversation_one_program(identifying):
+    """The echo app's answer is no completion, so each turn extends the previous prompt
+    (the identity's fallback when a reply cannot be read)."""
+    seen = []
+    prompt = "Q: ls\nA:"
+    for follow_up in (" a.py\nQ: cat a.py\nA:", " x = 1\nQ: done\nA:"):
+        response = identifying.post("/v1/completions", json={"model": "m", "prompt": prompt})
+        seen.append(json.loads(response.content)["kv_transfer_params"]["continuum"])
+        prompt += follow_up
+    other = identifying.post("/v1/completions", json={"model": "m", "prompt": "Q: pwd\nA:"})
+    seen.append(json.loads(other.content)["kv_transfer_params"]["continuum"])
+    assert seen[0]["program_id"] == seen[1]["program_id"] != seen[2]["program_id"]
+    assert [s["turn"] for s in seen] == [0, 1, 0]
+
+
 def test_hint_errors_name_the_field(validating):
     error = validating.post("/v1/completions", content=hinted(turn=-1)).json()["error"]
     assert error["param"] == "kv_transfer_params.continuum.turn"
@@ -210,7 +250,12 @@ def test_the_proxy_answers_hostile_bodies_400_or_forwards_them(proxied, name):
 
 @pytest.mark.parametrize(
     ("flags", "middleware"),
-    [([], HintValidationMiddleware), (["--scope-programs", "api-key"], ProgramScopeMiddleware)],
+    [
+        ([], ProgramIdentityMiddleware),
+        (["--scope-programs", "api-key"], ScopedProgramIdentityMiddleware),
+        (["--program-identity", "hints"], HintValidationMiddleware),
+        (["--program-identity", "hints", "--scope-programs", "api-key"], ProgramScopeMiddleware),
+    ],
 )
 def test_serve_prints_the_middleware_that_vllm_will_import(flags, middleware, capsys):
     assert main(["serve", "some/model", *flags, "--dry-run"]) == 0

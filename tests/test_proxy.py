@@ -27,8 +27,8 @@ from continuum_tiered.client.agent_program import (
     program_priority,
     routing_key,
 )
-from continuum_tiered.client.proxy.app import ProxyOptions, add_program_fields, create_app
-from continuum_tiered.client.proxy.programs import ProgramRegistry, program_identity
+from continuum_tiered.client.proxy.app import ProxyOptions, create_app
+from continuum_tiered.core.program_tagging import ProgramRegistry, ProgramTagger, program_identity
 from continuum_tiered.core.request_body import BodyError
 from continuum_tiered.core.server_process import (
     BLOCK_SIZE,
@@ -87,23 +87,23 @@ def test_registry_counts_turns_and_forgets_idle_and_finished_programs():
 
 OPTIONS = ProxyOptions(program_header=HEADER)
 UNSCOPED = ProxyOptions(program_header=HEADER, scope_programs=False)
+NO_CONVERSATIONS = dataclasses.replace(UNSCOPED, conversations=False)
 
 
 def rewrite(
     body: object,
     headers: dict[str, str],
-    programs: ProgramRegistry,
+    tagger: ProgramTagger,
     now: float,
-    options: ProxyOptions = UNSCOPED,
     completion: bool = True,
 ):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    out = add_program_fields(raw, Headers(headers), programs, options, now, completion).body
+    out = tagger.tag(raw, Headers(headers), now, completion).body
     return out if out is raw else json.loads(out)
 
 
 def test_rewrite_adds_the_programs_priority_and_hints_turn_by_turn():
-    programs = ProgramRegistry(idle_timeout_s=600)
+    programs = ProgramTagger(UNSCOPED)
     body = {"model": "m", "prompt": "hi", "kv_transfer_params": {"lmcache.tag": "x"}}
     first = rewrite(body, {HEADER: "A"}, programs, 1000.0)
     second = rewrite(body, {HEADER: "A", "X-Program-Last-Turn": "True"}, programs, 1002.5)
@@ -120,28 +120,48 @@ def test_rewrite_adds_the_programs_priority_and_hints_turn_by_turn():
     assert first["prompt"] == "hi" and first["model"] == "m"
 
 
-def test_a_request_without_identity_is_a_one_turn_program_without_hints():
-    programs = ProgramRegistry(idle_timeout_s=600)
+def test_without_conversations_a_request_without_identity_is_a_one_turn_program():
+    programs = ProgramTagger(NO_CONVERSATIONS)
     out = rewrite({"prompt": "hi"}, {}, programs, 1234.5678)
     assert out == {"prompt": "hi", "priority": 1234567}
-    assert len(programs) == 0
+    assert len(programs.programs) == 0
+
+
+def test_a_request_without_identity_is_the_turn_of_the_conversation_it_extends():
+    """Turn 1 extends turn 0's prompt and reply; a conversation with a request in flight
+    takes no other (an agent waits for its reply)."""
+    programs = ProgramTagger(UNSCOPED)
+
+    def send(prompt: str, now: float):
+        tagged = programs.tag(json.dumps({"prompt": prompt}).encode(), Headers({}), now)
+        return tagged, json.loads(tagged.body)
+
+    first, sent_first = send("Q: ls\nA:", 1000.0)
+    _, sent_while_in_flight = send("Q: ls\nA: a.py", 1001.0)
+    programs.finish(first.open_turn, " a.py", 1002.0)
+    _, sent_next = send("Q: ls\nA: a.py\nQ: cat a.py\nA:", 1003.0)
+    hints = [b["kv_transfer_params"]["continuum"] for b in (sent_first, sent_while_in_flight)]
+    hints.append(sent_next["kv_transfer_params"]["continuum"])
+    assert hints[0]["program_id"] == hints[2]["program_id"] != hints[1]["program_id"]
+    assert [h["turn"] for h in hints] == [0, 0, 1]
+    assert sent_first["priority"] == sent_next["priority"] == program_priority(1000.0)
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"])
 def test_bodies_that_are_not_json_objects_are_forwarded_untouched(body):
-    programs = ProgramRegistry(idle_timeout_s=600)
-    assert add_program_fields(body, Headers({HEADER: "A"}), programs, OPTIONS, 1.0).body is body
-    assert len(programs) == 0
+    programs = ProgramTagger(OPTIONS)
+    assert programs.tag(body, Headers({HEADER: "A"}), 1.0).body is body
+    assert len(programs.programs) == 0
 
 
 @pytest.mark.parametrize("body", [b"[" * 10_000, b'{"a": NaN}', b'{"prompt": 1e400}'])
 def test_hostile_bodies_raise_a_body_error_for_a_400(body):
     with pytest.raises(BodyError):
-        add_program_fields(body, Headers({}), ProgramRegistry(600), OPTIONS, 1.0)
+        ProgramTagger(OPTIONS).tag(body, Headers({}), 1.0)
 
 
 def test_a_clients_priority_is_replaced_by_its_programs_unless_trusted():
-    programs = ProgramRegistry(idle_timeout_s=600)
+    programs = ProgramTagger(NO_CONVERSATIONS)
     rewrite({"prompt": "hi"}, {HEADER: "A"}, programs, 1000.0)
     jump = {"prompt": "hi", "priority": -(10**9)}
     assert rewrite(jump, {HEADER: "A"}, programs, 1005.0)["priority"] == program_priority(1000.0)
@@ -149,20 +169,20 @@ def test_a_clients_priority_is_replaced_by_its_programs_unless_trusted():
     # Any path: a priority the client sent is replaced; none is added where there was none.
     assert rewrite(jump, {}, programs, 1007.0, completion=False)["priority"] == 1007000
     raw = json.dumps({"input": "hi"}).encode()
-    kept = add_program_fields(raw, Headers({}), programs, OPTIONS, 1.0, completion=False)
+    kept = programs.tag(raw, Headers({}), 1.0, completion=False)
     assert kept.body is raw and kept.program_id is None
-    trusted = dataclasses.replace(UNSCOPED, trust_client_priority=True)
-    kept = rewrite(jump, {HEADER: "B"}, programs, 1008.0, trusted)
+    trusted = ProgramTagger(dataclasses.replace(UNSCOPED, trust_client_priority=True))
+    kept = rewrite(jump, {HEADER: "B"}, trusted, 1008.0)
     assert kept["priority"] == -(10**9) and kept["kv_transfer_params"]["continuum"]["turn"] == 0
 
 
 def test_a_clients_own_hints_are_kept_scoped_and_given_the_programs_priority():
-    programs = ProgramRegistry(idle_timeout_s=600)
+    programs = ProgramTagger(OPTIONS)
     hints = {"continuum": {"program_id": "B", "turn": 3, "tool": "ls"}}
     body = {"prompt": "hi", "priority": 5, "kv_transfer_params": hints}
-    first = rewrite(body, {"Authorization": "Bearer k1"}, programs, 1000.0, OPTIONS)
-    again = rewrite(body, {"Authorization": "Bearer k1"}, programs, 1001.0, OPTIONS)
-    other = rewrite(body, {"Authorization": "Bearer k2"}, programs, 1002.0, OPTIONS)
+    first = rewrite(body, {"Authorization": "Bearer k1"}, programs, 1000.0)
+    again = rewrite(body, {"Authorization": "Bearer k1"}, programs, 1001.0)
+    other = rewrite(body, {"Authorization": "Bearer k2"}, programs, 1002.0)
     sent = [b["kv_transfer_params"]["continuum"] for b in (first, again, other)]
     assert sent[0] == {
         "program_id": scoped_program_id(api_key_scope("Bearer k1"), "B"),
@@ -175,17 +195,17 @@ def test_a_clients_own_hints_are_kept_scoped_and_given_the_programs_priority():
     assert other["priority"] == program_priority(1002.0)  # another key: another program
     # Not this proxy's to judge: malformed hints go on as they are, for the server.
     bad = {"prompt": "hi", "kv_transfer_params": {"continuum": {"program_id": "A"}}}
-    out = rewrite(bad, {HEADER: "A"}, programs, 1003.0, OPTIONS)
+    out = rewrite(bad, {HEADER: "A"}, programs, 1003.0)
     assert out["kv_transfer_params"] == bad["kv_transfer_params"]
     assert out["priority"] == program_priority(1003.0)
 
 
 def test_program_ids_found_by_the_proxy_are_scoped_per_api_key():
-    programs = ProgramRegistry(idle_timeout_s=600)
+    programs = ProgramTagger(OPTIONS)
     ids = [
-        rewrite({"user": "run-7"}, headers, programs, 1000.0, OPTIONS)["kv_transfer_params"][
-            "continuum"
-        ]["program_id"]
+        rewrite({"user": "run-7"}, headers, programs, 1000.0)["kv_transfer_params"]["continuum"][
+            "program_id"
+        ]
         for headers in ({"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}, {})
     ]
     assert len(set(ids)) == 3 and ids[2] == "anonymous:run-7"
@@ -193,10 +213,10 @@ def test_program_ids_found_by_the_proxy_are_scoped_per_api_key():
 
 
 def test_continuum_plugin_job_ids_are_scoped_per_api_key():
-    programs = ProgramRegistry(idle_timeout_s=600)
+    programs = ProgramTagger(OPTIONS)
     body = {"prompt": "hi", "vllm_xargs": {"job_id": 7, "is_last_step": True}}
     ids = [
-        rewrite(body, headers, programs, 1000.0, OPTIONS)["vllm_xargs"]["job_id"]
+        rewrite(body, headers, programs, 1000.0)["vllm_xargs"]["job_id"]
         for headers in ({"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"})
     ]
     assert ids[0] != ids[1] and all(i.endswith(":7") for i in ids)
@@ -332,13 +352,27 @@ def test_a_programs_second_turn_gets_its_prefix_from_the_pin(proxy):
         time.sleep(0.1)
 
 
-def test_a_request_without_identity_is_forwarded_without_hints(proxy):
+def test_an_agent_without_identity_is_one_program_by_its_conversation(proxy):
+    """No id anywhere: the second turn extends the first's prompt and reply (token ids),
+    so it is turn 1 of the same program, and the server's connector hands it the pin."""
     before = time.time()
-    response = proxy.complete(tokens(3, 64))
-    assert response.status_code == 200, response.text
-    sent = proxy.sent[-1]
-    assert "kv_transfer_params" not in sent
-    assert program_priority(before) <= sent["priority"] <= program_priority(time.time())
+    handovers = proxy.metric("vllm:continuum_pin_handovers_total")
+    prompt = tokens(3, 64)
+    first = proxy.complete(prompt)
+    assert first.status_code == 200, first.text
+    sent_first = proxy.sent[-1]
+    reply = first.json()["choices"][0]["token_ids"]
+    second = proxy.complete([*prompt, *reply, *tokens(5, 16)])
+    assert second.status_code == 200, second.text
+    hints = [s["kv_transfer_params"]["continuum"] for s in (sent_first, proxy.sent[-1])]
+    assert hints[0]["program_id"] == hints[1]["program_id"]
+    assert [h["turn"] for h in hints] == [0, 1]
+    assert program_priority(before) <= sent_first["priority"] == proxy.sent[-1]["priority"]
+    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 64
+    deadline = time.monotonic() + 10
+    while proxy.metric("vllm:continuum_pin_handovers_total") < handovers + 1:
+        assert time.monotonic() < deadline, "no pin hand-over counted"
+        time.sleep(0.1)
 
 
 def test_upstream_errors_pass_through_with_their_status_and_body(proxy):
@@ -454,15 +488,16 @@ def test_the_proxy_sends_the_scoped_program_id_as_the_routing_key_in_place_of_th
         hints = {"continuum": {"program_id": "B", "turn": 0}}
         proxy.complete([1], {"Authorization": "Bearer k1"}, kv_transfer_params=hints)
         proxy.complete([1], user="run 7 \u00fc")  # no valid header value as it is
-        proxy.complete([1])  # no program: no key added
+        proxy.complete([1])  # no id: its conversation's program, routed as one
         proxy.client.get("/v1/models", headers={ROUTING_HEADER: "s"})  # not rewritten
+    conversation = upstream.seen.pop(3)
     assert upstream.seen == [
         ["anonymous:A"],
         [scoped_program_id(api_key_scope("Bearer k1"), "B")],
         [routing_key("anonymous:run 7 \u00fc")],
-        [],
         ["s"],
     ]
+    assert len(conversation) == 1 and conversation[0].startswith("anonymous:conv-")
     assert len(upstream.seen[2][0]) == 64 and upstream.seen[2][0].isascii()
 
 

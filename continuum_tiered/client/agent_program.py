@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from continuum_tiered.core.hints import ProgramHints
+from continuum_tiered.core.program_tagging import program_priority
 
 # The first header vllm-router's consistent_hash policy reads (before X-User-ID).
 ROUTING_HEADER = "X-Session-ID"
@@ -41,10 +42,6 @@ def routing_key(program_id: str) -> str:
     if _HEADER_SAFE.fullmatch(program_id):
         return program_id
     return hashlib.sha256(program_id.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def program_priority(first_arrival_s: float) -> int:
-    return int(first_arrival_s * 1000)
 
 
 @dataclass

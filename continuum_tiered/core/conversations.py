@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DIGEST_BYTES = 16
+# Flat prompts past this many characters or tokens get no identity (a one-turn program):
+# the cheap hashes take 8 bytes a unit, and no model's context holds more.
+MAX_FLAT_UNITS = 2_000_000
 _BASE = 0x100000001B3  # odd, so invertible mod 2^64: prefix hashes come from one cumsum
 _BASE_INVERSE = pow(_BASE, -1, 2**64)
 _LENGTH_MIX = 0x9E3779B97F4A7C15  # spreads the length over the cheap key
@@ -188,6 +191,11 @@ class FlatPrompt:
 
     @classmethod
     def _build(cls, kind: str, units: np.ndarray, namespace: str) -> FlatPrompt:
+        if len(units) > MAX_FLAT_UNITS:
+            raise ConversationError(
+                f"a {kind} prompt of {len(units)} units is past the {MAX_FLAT_UNITS} "
+                "the conversation index reads"
+            )
         return cls(kind, units, _weak_prefix_keys(units), namespace)
 
     @property

@@ -45,6 +45,16 @@ def hf_config(shape: TinyLlamaShape) -> dict[str, object]:
     }
 
 
+# Role and text of each message, one per line: enough for chat completions (the tests'
+# agents) on a model that has no template of its own.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% elif m['content'] %}{% for p in m['content'] %}{{ p.get('text', '') }}{% endfor %}"
+    "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+)
+
+
 def write_tiny_llama(directory: str | Path, shape: TinyLlamaShape | None = None) -> Path:
     """Write config.json and a WordLevel tokenizer to ``directory``; return the directory."""
     shape = shape or TinyLlamaShape()
@@ -70,6 +80,7 @@ def _write_tokenizer(out: Path, vocab_size: int) -> None:
                 "bos_token": "<s>",
                 "eos_token": "</s>",
                 "model_max_length": 1_000_000,
+                "chat_template": CHAT_TEMPLATE,
             }
         )
     )

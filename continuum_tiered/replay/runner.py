@@ -92,6 +92,9 @@ class RetryPolicy:
 class RunnerOptions:
     model: str
     send_hints: bool  # program priority and connector hints; off for servers that reject them
+    # The routing header naming the program; off (with send_hints off): nothing names it,
+    # as an unmodified agent sends, for a proxy or server to find it from the conversation.
+    send_routing_key: bool = True
     vocab: tuple[int, int] = (3, 500)  # token ids drawn for new context: [low, high)
     time_scale: float = 1.0  # multiplies tool durations
     seed: int = 0
@@ -211,8 +214,9 @@ async def run_program(
                 agent.turn += 1
             # The routing key goes with every system's requests: a router in front of
             # vanilla vLLM keeps programs on one replica too.
+            headers = agent.routing_headers() if options.send_routing_key else {}
             turn_record, reply = await run_turn(
-                client, options, context, turn.output_tokens, body, agent.routing_headers()
+                client, options, context, turn.output_tokens, body, headers
             )
             record.turns.append(turn_record)
             context += reply

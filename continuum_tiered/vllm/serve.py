@@ -27,9 +27,18 @@ from continuum_tiered.vllm.plugin import (
 )
 from continuum_tiered.vllm.tiers import Tiers
 
-MIDDLEWARE = "continuum_tiered.vllm.middleware.HintValidationMiddleware"
-# --scope-programs api-key: the same checks, and program ids scoped per API key.
-SCOPED_MIDDLEWARE = "continuum_tiered.vllm.middleware.ProgramScopeMiddleware"
+# The middleware vLLM imports, by (--program-identity, --scope-programs): hints checked,
+# and with "conversation" a program found for requests that name none; with "api-key"
+# program ids scoped per API key.
+IDENTITY_MODES = ("conversation", "hints")
+MIDDLEWARE = {
+    ("conversation", "none"): "continuum_tiered.vllm.middleware.ProgramIdentityMiddleware",
+    ("conversation", "api-key"): (
+        "continuum_tiered.vllm.middleware.ScopedProgramIdentityMiddleware"
+    ),
+    ("hints", "none"): "continuum_tiered.vllm.middleware.HintValidationMiddleware",
+    ("hints", "api-key"): "continuum_tiered.vllm.middleware.ProgramScopeMiddleware",
+}
 # Flags this command sets itself; passing them through as well would be ambiguous.
 OWNED_FLAGS = ("--kv-transfer-config", "--scheduling-policy", "--middleware")
 # Key of ContinuumTieredConnector's own extra config: the disk tier's directory, removed
@@ -62,6 +71,7 @@ class ServeOptions:
     tiers: Tiers | None = None
     vllm_args: list[str] = field(default_factory=list)
     scope_programs: str = "none"  # or "api-key": program ids per API key
+    program_identity: str = "conversation"  # or "hints": only the client's own hints
 
     def connector_config(self) -> dict[str, object]:
         """``ContinuumConnector`` alone, or with ``--tiers`` composed with LMCache's."""
@@ -96,7 +106,7 @@ class ServeOptions:
             "--kv-transfer-config",
             json.dumps(self.connector_config(), separators=(",", ":")),
             "--middleware",
-            SCOPED_MIDDLEWARE if self.scope_programs == "api-key" else MIDDLEWARE,
+            MIDDLEWARE[self.program_identity, self.scope_programs],
         ]
         if self.program_fcfs:
             flags += ["--scheduling-policy", "priority"]
@@ -218,6 +228,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "(Authorization: Bearer; without one, 'anonymous'), so no client can end or take "
         "over another key's program (default: none, ids as sent)",
     )
+    p.add_argument(
+        "--program-identity",
+        choices=IDENTITY_MODES,
+        default="conversation",
+        help="conversation: a request without hints belongs to the program named by its "
+        "X-Program-Id header, its body's user or a session header, else to the conversation "
+        "it extends (an unmodified agent runs as one program; one API server process); "
+        "hints: only requests with the client's own hints are programs",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.set_defaults(run=run_serve)
 
@@ -309,6 +328,7 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         tiers=parse_tiers(args.tiers, args.layerwise_loads),
         vllm_args=passthrough,
         scope_programs=args.scope_programs,
+        program_identity=args.program_identity,
     )
     flags = options.vllm_flags()
     policy_line = check_policy(options)

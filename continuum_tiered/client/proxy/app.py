@@ -3,8 +3,12 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` bodies get ``priority`` (the
 program's first arrival in ms) and ``kv_transfer_params.continuum`` hints (program id,
 per-program turn counter, ``last_turn`` from the ``X-Program-Last-Turn: true`` header)
-before they go upstream; see :mod:`continuum_tiered.client.proxy.programs` for how a request's
-program is found. A client's own hints are kept, with their program id scoped as below.
+before they go upstream; :mod:`continuum_tiered.core.program_tagging` (shared with the
+server middleware) finds a request's program: the client's hints, a program header, the
+body's ``user``, a session header, else the conversation the request extends. A client's
+own hints are kept, with their program id scoped as below. The response of a request
+whose program came from its conversation is read as it streams by (not changed) for the
+reply the program's next turn will extend.
 A request of a program goes upstream with the program's routing key in ``X-Session-ID``
 (:func:`~continuum_tiered.client.agent_program.routing_key` of the scoped id, replacing any
 the client sent), so ``vllm-router --policy consistent_hash`` upstream keeps every turn of
@@ -30,13 +34,11 @@ client itself.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import anyio
 import httpx
@@ -46,19 +48,17 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from continuum_tiered.client.agent_program import ROUTING_HEADER, program_priority, routing_key
-from continuum_tiered.client.proxy.programs import (
-    DEFAULT_PROGRAM_HEADER,
-    ProgramRegistry,
-    program_identity,
+from continuum_tiered.client.agent_program import ROUTING_HEADER, routing_key
+from continuum_tiered.core.program_tagging import (
+    COMPLETION_PATHS,
+    ProgramTagger,
+    ResponseWatch,
+    Tagged,
+    TaggingOptions,
 )
-from continuum_tiered.core.hints import HINTS_KEY, HintError, ProgramHints, parse_hints
-from continuum_tiered.core.request_body import BodyError, bad_request_body, load_json_object
-from continuum_tiered.core.tenancy import api_key_scope, scope_xargs, scoped_program_id
+from continuum_tiered.core.request_body import BodyError, bad_request_body
 
-REWRITTEN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-LAST_TURN_HEADER = "X-Program-Last-Turn"
 # Hop-by-hop headers (RFC 9110, 7.6.1) belong to one connection; the proxy also sets
 # Host and Content-Length itself, since it may change the body.
 _HOP_BY_HOP = frozenset(
@@ -77,77 +77,8 @@ _ROUTING_HEADER_LOWER = ROUTING_HEADER.lower()
 
 
 @dataclass(frozen=True)
-class ProxyOptions:
-    program_header: str = DEFAULT_PROGRAM_HEADER
-    idle_timeout_s: float = 600.0
-    max_programs: int = 100_000
+class ProxyOptions(TaggingOptions):
     connect_timeout_s: float = 10.0
-    scope_programs: bool = True  # program ids per client API key
-    trust_client_priority: bool = False
-
-
-class Rewritten(NamedTuple):
-    body: bytes
-    program_id: str | None  # the (scoped) program the request belongs to, if any
-
-
-def add_program_fields(
-    body: bytes,
-    headers: Mapping[str, str],
-    programs: ProgramRegistry,
-    options: ProxyOptions,
-    now_s: float,
-    completion: bool = True,
-) -> Rewritten:
-    """The body to send upstream for a request that arrived at ``now_s``, and its program.
-
-    ``headers`` must be case-insensitive. ``completion``: a completion request, whose
-    program the proxy finds and gives hints; other requests only have a client's
-    ``priority`` replaced and its hints scoped. The body is returned as it came (the same
-    object) when it is not a JSON object (the upstream answers it in its own words) or
-    nothing in it changes. A completion without a program identity gets only ``priority``
-    = its own arrival: a one-turn program whose KV the upstream frees as usual. Hints the
-    client sent that are malformed go upstream as they are, for the server to reject (or
-    its connector to ignore). Raises :class:`BodyError` for a body the proxy answers with
-    HTTP 400 itself.
-    """
-    payload = load_json_object(body)
-    if payload is None:
-        return Rewritten(body, None)
-    scope = api_key_scope(headers.get("authorization")) if options.scope_programs else None
-    keep_priority = options.trust_client_priority and "priority" in payload
-    params = payload.get("kv_transfer_params")
-    first_arrival_s: float | None = None
-    program_id: str | None = None
-    changed = False
-    if params is not None and (not isinstance(params, dict) or HINTS_KEY in params):
-        # The client's own hints: scoped when well formed, else left for the server.
-        try:
-            client_hints = parse_hints(params)
-        except HintError:
-            client_hints = None
-        if client_hints is not None:
-            hints = _scoped(client_hints, scope)
-            program_id = hints.program_id
-            first_arrival_s, _ = programs.next_turn(program_id, now_s, hints.last_turn)
-            payload["kv_transfer_params"] = {**params, **hints.to_params()}
-            changed = True
-    elif completion and (program_id := program_identity(headers, payload, options.program_header)):
-        if scope is not None:
-            program_id = scoped_program_id(scope, program_id)
-        last_turn = headers.get(LAST_TURN_HEADER, "").strip().lower() == "true"
-        first_arrival_s, turn = programs.next_turn(program_id, now_s, last_turn)
-        hints = ProgramHints(program_id, turn, last_turn=last_turn)
-        payload["kv_transfer_params"] = {**(params or {}), **hints.to_params()}
-        changed = True
-    if scope is not None and scope_xargs(payload, scope):
-        changed = True  # the Continuum plugin's hints name programs too
-    # Other paths get a priority only in place of the client's: not every one takes it.
-    if not keep_priority and (completion or "priority" in payload):
-        arrival_s = now_s if first_arrival_s is None else first_arrival_s
-        payload["priority"] = program_priority(arrival_s)
-        changed = True
-    return Rewritten(json.dumps(payload).encode() if changed else body, program_id)
 
 
 def _upstream_headers(
@@ -162,19 +93,13 @@ def _upstream_headers(
     return headers
 
 
-def _scoped(hints: ProgramHints, scope: str | None) -> ProgramHints:
-    if scope is None:
-        return hints
-    return dataclasses.replace(hints, program_id=scoped_program_id(scope, hints.program_id))
-
-
 class ProxyEndpoint:
     """The ASGI endpoint behind every path."""
 
     def __init__(self, upstream: str, options: ProxyOptions) -> None:
         self.upstream = upstream.rstrip("/")
         self.options = options
-        self.programs = ProgramRegistry(options.idle_timeout_s, options.max_programs)
+        self.tagger = ProgramTagger(options)
         self.client = httpx.AsyncClient(
             # No read timeout: a long generation is not a fault; the client's own timeout
             # (a disconnect) ends it.
@@ -189,33 +114,41 @@ class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         body = await request.body()
-        program_id = None
+        tagged = Tagged(body, None)
         if request.method in BODY_METHODS:
-            completion = request.method == "POST" and request.url.path in REWRITTEN_PATHS
+            completion = request.method == "POST" and request.url.path in COMPLETION_PATHS
             try:
-                body, program_id = add_program_fields(
-                    body, request.headers, self.programs, self.options, time.time(), completion
-                )
+                tagged = self.tagger.tag(body, request.headers, time.time(), completion)
             except BodyError as error:
                 await _send_error(send, 400, bad_request_body(error))
                 return
         upstream_request = self.client.build_request(
             request.method,
             httpx.URL(self.upstream + request.url.path, query=request.url.query.encode()),
-            headers=_upstream_headers(request.headers.raw, program_id),
-            content=body,
+            headers=_upstream_headers(request.headers.raw, tagged.program_id),
+            content=tagged.body,
         )
-        async with anyio.create_task_group() as group:
-            group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
-            await self._relay(upstream_request, send)
-            group.cancel_scope.cancel()
+        watch = ResponseWatch(self.tagger, tagged.open_turn) if tagged.open_turn else None
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
+                await self._relay(upstream_request, send, watch)
+                group.cancel_scope.cancel()
+        finally:
+            if watch is not None:
+                watch.end()
 
-    async def _relay(self, upstream_request: httpx.Request, send: Send) -> None:
+    async def _relay(
+        self, upstream_request: httpx.Request, send: Send, watch: ResponseWatch | None
+    ) -> None:
+        """The upstream's response, chunk by chunk, seen by ``watch`` on the way."""
         try:
             response = await self.client.send(upstream_request, stream=True)
         except httpx.TransportError as err:
             await _send_bad_gateway(send, self.upstream, err)
             return
+        if watch is not None:
+            watch.status(response.status_code)
         try:
             await send(
                 {
@@ -230,7 +163,11 @@ class ProxyEndpoint:
             )
             # Raw bytes: any content-encoding and content-length stay valid as they are.
             async for chunk in response.aiter_raw():
+                if watch is not None:
+                    watch.body(chunk, last=False)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if watch is not None:
+                watch.body(b"", last=True)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with anyio.CancelScope(shield=True):  # close the upstream even when cancelled

@@ -7,8 +7,8 @@ import argparse
 import httpx
 import uvicorn
 
-from continuum_tiered.client.proxy.app import LAST_TURN_HEADER, ProxyOptions, create_app
-from continuum_tiered.client.proxy.programs import DEFAULT_PROGRAM_HEADER
+from continuum_tiered.client.proxy.app import ProxyOptions, create_app
+from continuum_tiered.core.program_tagging import DEFAULT_PROGRAM_HEADER, LAST_TURN_HEADER
 from continuum_tiered.core.tenancy import SCOPE_MODES
 
 
@@ -24,7 +24,9 @@ def add_proxy_parser(subparsers: argparse._SubParsersAction) -> None:
             "Forwards every request to the upstream vLLM server; completions get the "
             "program's priority and continuum hints. A request's program is the "
             f"--program-header header, else the body's `user`, else the session_id or "
-            f"X-Session-Id header; `{LAST_TURN_HEADER}: true` marks a last turn. Program ids "
+            f"X-Session-Id header, else the conversation the request extends (its previous "
+            f"prompt and reply are a prefix of it); `{LAST_TURN_HEADER}: true` marks a last "
+            f"turn. Program ids "
             "are scoped per client API key and a client's own priority is replaced, unless "
             "told otherwise."
         ),
@@ -55,6 +57,19 @@ def add_proxy_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep a priority the client sent (default: replaced by its program's)",
     )
+    p.add_argument(
+        "--no-conversation-identity",
+        dest="conversations",
+        action="store_false",
+        help="a request that names no program is a one-turn program (default: the program "
+        "whose conversation it extends, or a new one)",
+    )
+    p.add_argument(
+        "--max-conversations",
+        type=int,
+        default=10_000,
+        help="live conversations the index holds; the least recent goes first (default: 10000)",
+    )
     p.set_defaults(run=run_proxy)
 
 
@@ -71,6 +86,8 @@ def check_upstream(upstream: str) -> str:
 def run_proxy(args: argparse.Namespace, passthrough: list[str]) -> int:
     if args.idle_timeout_s <= 0:
         raise ProxyError(f"--idle-timeout-s must be > 0, got {args.idle_timeout_s}")
+    if args.max_conversations < 1:
+        raise ProxyError(f"--max-conversations must be >= 1, got {args.max_conversations}")
     if not args.program_header:
         raise ProxyError("--program-header must not be empty")
     options = ProxyOptions(
@@ -78,6 +95,8 @@ def run_proxy(args: argparse.Namespace, passthrough: list[str]) -> int:
         idle_timeout_s=args.idle_timeout_s,
         scope_programs=args.scope_programs == "api-key",
         trust_client_priority=args.trust_client_priority,
+        conversations=args.conversations,
+        max_conversations=args.max_conversations,
     )
     app = create_app(check_upstream(args.upstream), options)
     print(f"continuum-tiered proxy: http://{args.host}:{args.port} -> {args.upstream}", flush=True)
