@@ -12,8 +12,10 @@ in order:
   at once, so each server's batches mix programs while their KV comes back from the CPU
   tier and from Redis: the outputs must be the reference's (cross-request contamination is
   a known LMCache bug class, LMCache issue 4385);
-- Redis stopped under both servers: a program's two turns (one per server) still complete,
-  recomputed, within a timeout, and no KV block stays held.
+- Redis frozen (SIGSTOP: connections open, no answer, as on a hung host), then stopped,
+  under both servers: a program's two turns (one per server) still complete, recomputed,
+  within seconds (the socket timeouts ``--tiers`` puts in LMCache's Redis URL), with the
+  reference's outputs, and no KV block stays held.
 
 Sizes: the tiny model's KV is 512 bytes a token, so a 256-token LMCache chunk is 128 KiB
 and one Redis value; LMCache stores only whole chunks, as two keys (KV and metadata).
@@ -32,6 +34,7 @@ import httpx
 import pytest
 
 from continuum_tiered.cluster.redis_server import RedisServer
+from continuum_tiered.core.remote_tier import SOCKET_TIMEOUTS
 from continuum_tiered.core.server_process import (
     ServerProcess,
     plugin_server_command,
@@ -46,6 +49,8 @@ PREFIX = 3 * CHUNK  # the moved program's first prompt: three whole chunks
 SYSTEM = 2 * CHUNK  # the eight programs' shared system prompt
 PROGRAMS, TURNS = 8, 3
 REQUEST_TIMEOUT_S = 90.0  # a hang fails the test instead of stalling the suite
+START_TIMEOUT_S = 600.0
+FROZEN_PROGRAM_S = 40.0  # two turns, each waiting out a few 5 s socket timeouts at most
 SOURCES = ("gpu", *TIER_ORDER, "recompute")
 
 # A turn sent to a server: prompt, program, turn, last turn -> generated token ids.
@@ -136,12 +141,13 @@ def settled_keys(redis_server: RedisServer, timeout_s: float = 10.0) -> int:
 
 
 def start_all(processes: list[ServerProcess]) -> None:
-    """Start the servers side by side (each start is ~40 s of mostly single-core work)."""
+    """Start the servers side by side (each start is ~40 s of mostly single-core work; on a
+    machine shared with other jobs three took over 5 minutes, hence the long limit)."""
     errors: list[BaseException] = []
 
     def start(process: ServerProcess) -> None:
         try:
-            process.start()
+            process.start(timeout_s=START_TIMEOUT_S)
         except BaseException as error:  # re-raised below, after every thread is done
             errors.append(error)
 
@@ -176,6 +182,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             ref = reference.send
             result["reference"]["moved"] = moved_program("moved", 100, ref, ref)
             result["reference"]["interleaved"] = interleaved_programs([ref], False)
+            result["reference"]["frozen"] = moved_program("frozen", 600, ref, ref)
             result["reference"]["down"] = moved_program("down", 500, ref, ref)
 
             def on_a_then_count_keys(*turn: object) -> list[int]:
@@ -195,6 +202,11 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             )
             result["keys_after_interleaved"] = settled_keys(redis_server)
 
+            redis_server.pause()
+            started = time.monotonic()
+            result["tiered"]["frozen"] = moved_program("frozen", 600, b.send, a.send)
+            result["frozen_s"] = time.monotonic() - started
+            time.sleep(float(SOCKET_TIMEOUTS["socket_timeout"]) + 1)  # stuck calls time out
             redis_server.stop()
             started = time.monotonic()
             result["tiered"]["down"] = moved_program("down", 500, b.send, a.send)
@@ -230,6 +242,12 @@ def test_a_fresh_server_serves_the_next_turn_from_redis(runs):
     assert runs["tiered"]["moved"] == runs["reference"]["moved"]
 
 
+def test_a_profile_without_a_remote_tier_says_what_it_assumes(runs):
+    """These servers run on the roofline estimate, which has no remote tier."""
+    for log in runs["logs"].values():
+        assert "the tier profile has no remote tier; TTLs treat KV found there as lost" in log
+
+
 def test_interleaved_programs_through_redis_match_recompute(runs):
     assert runs["tiered"]["interleaved"] == runs["reference"]["interleaved"]
     # Each returning turn ran on the other server than its last: the part of its prefix
@@ -237,6 +255,15 @@ def test_interleaved_programs_through_redis_match_recompute(runs):
     sources = runs["interleaved_sources"]
     assert sources["remote"] > 0, sources
     assert runs["keys_after_interleaved"] > runs["keys_after_turn_0"]
+
+
+def test_with_redis_frozen_turns_complete_in_seconds_with_the_same_outputs(runs):
+    assert runs["tiered"]["frozen"] == runs["reference"]["frozen"]
+    assert runs["frozen_s"] < FROZEN_PROGRAM_S
+    # The calls waiting on the frozen server gave up at the URL's socket timeout (without
+    # one they would wait until it answered or, here, until it was stopped).
+    for name, log in runs["logs"].items():
+        assert "Timeout reading from 127.0.0.1" in log, name
 
 
 def test_with_redis_stopped_turns_complete_recomputed_and_free_their_blocks(runs):
