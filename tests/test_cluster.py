@@ -192,13 +192,14 @@ def wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
 
 
 def test_a_taken_router_port_is_refused_before_anything_starts(capsys):
+    before = psutil.Process().children(recursive=True)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         assert main(["cluster", "--replicas", "1", "--port", str(port)]) == 2
     assert f"router: port {port} is in use" in capsys.readouterr().err
-    assert psutil.Process().children(recursive=True) == []
+    assert psutil.Process().children(recursive=True) == before
 
 
 def test_a_replica_that_never_comes_up_stops_the_others_and_is_named(tmp_path, tiny_model_dir):
@@ -211,12 +212,13 @@ def test_a_replica_that_never_comes_up_stops_the_others_and_is_named(tmp_path, t
         ),
     )
     cluster = Cluster(config, tmp_path, progress=lambda line: None)
+    before = psutil.Process().children(recursive=True)
     with pytest.raises(ClusterError) as failure:
         cluster.start()
     assert failure.value.part == "replica 0"
     assert "exited with code" in str(failure.value)
     assert cluster.redis is not None and not cluster.redis.is_up()  # started, then stopped
-    assert psutil.Process().children(recursive=True) == []
+    assert psutil.Process().children(recursive=True) == before
 
 
 def test_each_replica_gets_its_own_disk_folder_and_the_shared_tier():

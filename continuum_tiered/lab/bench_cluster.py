@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +237,8 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     programs = demo_programs(args)
     if note := check_cpu_pool(args.kv_blocks, programs, DEMO_SHAPE):
         tqdm.write(note)
-    work = args.out / "work"
+    work = Path(tempfile.mkdtemp(prefix="cluster-bench-"))  # kept, with the logs, on a failure
+    tqdm.write(f"model, tiers and logs in {work}")
     model_dir = write_tiny_llama(work / "model", DEMO_SHAPE)
     wait_for_quiet_machine(args.wait_for_servers)
     runs: dict[str, SetupRun] = {}
