@@ -181,3 +181,17 @@ def test_serve_leaves_the_check_to_the_connector_without_the_models_config(tmp_p
     assert main(["serve", missing, "--profile", "h100-llama-3.1-70b-tp4", "--dry-run"]) == 0
     assert "the connector checks the profile" in capsys.readouterr().err
     assert main(["serve", missing, "--profile", "no-such-profile", "--dry-run"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "warned"),
+    [
+        (["--api-server-count", "2"], True),
+        (["--api-server-count=4"], True),
+        (["--api-server-count", "1"], False),
+        (["--api-server-count", "2", "--program-identity", "hints"], False),
+    ],
+)
+def test_serve_warns_that_conversations_do_not_span_api_servers(flags, warned, capsys):
+    assert main(["serve", "some/model", "--dry-run", *flags]) == 0
+    assert ("each API server process keeps its own" in capsys.readouterr().err) is warned

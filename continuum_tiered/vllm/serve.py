@@ -318,6 +318,16 @@ def check_policy(options: ServeOptions) -> str:
     return f"retention policy: {policy} (the default)"
 
 
+def _api_servers(vllm_args: list[str]) -> int:
+    """vLLM's ``--api-server-count`` among the passed-through flags (1 when absent)."""
+    for i, arg in enumerate(vllm_args):
+        name, _, value = arg.partition("=")
+        if name == "--api-server-count":
+            value = value or (vllm_args[i + 1] if i + 1 < len(vllm_args) else "1")
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
 def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
     options = ServeOptions(
         model=args.model,
@@ -338,6 +348,13 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
     command = [*vllm_server_command(options.model), *flags]
     runs = [f"{k}={v}" for k, v in env.items()] + command
     print(policy_line)
+    if options.program_identity == "conversation" and _api_servers(passthrough) > 1:
+        print(
+            "warning: each API server process keeps its own conversations, so an agent's "
+            "turns may not meet; put `continuum-tiered proxy` in front, or pass "
+            "--program-identity hints",
+            file=sys.stderr,
+        )
     print(
         ("Would run" if args.dry_run else "Running")
         + " (this interpreter, no `vllm` from PATH needed):\n  "
