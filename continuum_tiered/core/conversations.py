@@ -39,11 +39,12 @@ import hashlib
 import itertools
 import json
 import secrets
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from continuum_tiered.core.idle_table import IdleTable
 
 DIGEST_BYTES = 16
 # Flat prompts past this many characters or tokens get no identity (a one-turn program):
@@ -258,16 +259,12 @@ class ConversationIndex:
     def __init__(
         self, idle_timeout_s: float, max_conversations: int = 10_000, id_prefix: str = "conv-"
     ) -> None:
-        if idle_timeout_s <= 0:
-            raise ValueError(f"idle timeout must be > 0 s, got {idle_timeout_s}")
-        if max_conversations < 1:
-            raise ValueError(f"max_conversations must be >= 1, got {max_conversations}")
-        self.idle_timeout_s = idle_timeout_s
-        self.max_conversations = max_conversations
+        self._conversations: IdleTable[Conversation] = IdleTable(
+            idle_timeout_s, max_conversations, "max_conversations", on_forget=self._unregister
+        )
         # A random part keeps ids of two proxies (or a restarted one) apart upstream.
         self._id_prefix = f"{id_prefix}{secrets.token_hex(4)}-"
         self._ids = itertools.count()
-        self._conversations: OrderedDict[str, Conversation] = OrderedDict()  # least recent first
         self._owners: dict[PrefixKey, list[str]] = {}
         self._weak: dict[int, int] = {}  # a flat PrefixKey's cheap hash -> keys holding it
         self._weak_array: np.ndarray | None = None
@@ -277,13 +274,12 @@ class ConversationIndex:
 
     def begin(self, prompt: Prompt, now_s: float) -> str:
         """The program id of a request with this prompt (a new one when none extends)."""
-        self._forget_idle(now_s)
+        self._conversations.forget_idle(now_s)
         conversation = self._match(prompt) or self._new(now_s)
         self._unregister(conversation)
         self._register(conversation, prompt, prompt.length)
         conversation.in_flight = True
-        conversation.last_seen_s = now_s
-        self._conversations.move_to_end(conversation.program_id)
+        self._conversations.touch(conversation.program_id, conversation, now_s)
         return conversation.program_id
 
     def finish(self, program_id: str, prompt: Prompt, reply: object | None, now_s: float) -> None:
@@ -301,17 +297,14 @@ class ConversationIndex:
     def _match(self, prompt: Prompt) -> Conversation | None:
         for key in prompt.candidate_keys(self._registered_weak()):
             for program_id in self._owners.get(key, ()):
-                conversation = self._conversations[program_id]
-                if not conversation.in_flight:
+                conversation = self._conversations.get(program_id)
+                if conversation is not None and not conversation.in_flight:
                     return conversation
         return None
 
     def _new(self, now_s: float) -> Conversation:
-        while len(self._conversations) >= self.max_conversations:
-            self._drop(next(iter(self._conversations.values())))
-        conversation = Conversation(f"{self._id_prefix}{next(self._ids)}", now_s)
-        self._conversations[conversation.program_id] = conversation
-        return conversation
+        self._conversations.make_room()
+        return Conversation(f"{self._id_prefix}{next(self._ids)}", now_s)
 
     def _register(self, conversation: Conversation, prompt: Prompt, length: int) -> None:
         key = prompt.key(length)
@@ -338,14 +331,3 @@ class ConversationIndex:
         if self._weak_array is None:
             self._weak_array = np.fromiter(self._weak, dtype=np.uint64, count=len(self._weak))
         return self._weak_array
-
-    def _drop(self, conversation: Conversation) -> None:
-        self._unregister(conversation)
-        del self._conversations[conversation.program_id]
-
-    def _forget_idle(self, now_s: float) -> None:
-        while self._conversations:
-            oldest = next(iter(self._conversations.values()))
-            if now_s - oldest.last_seen_s < self.idle_timeout_s:
-                return
-            self._drop(oldest)

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,6 +44,7 @@ from continuum_tiered.core.hints import (
     ProgramHints,
     parse_hints,
 )
+from continuum_tiered.core.idle_table import IdleTable
 from continuum_tiered.core.reply_reader import ReplyReader
 from continuum_tiered.core.request_body import load_json_object
 from continuum_tiered.core.tenancy import api_key_scope, scope_xargs, scoped_program_id
@@ -99,13 +99,9 @@ class ProgramRegistry:
     """
 
     def __init__(self, idle_timeout_s: float, max_programs: int = 100_000) -> None:
-        if idle_timeout_s <= 0:
-            raise ValueError(f"idle timeout must be > 0 s, got {idle_timeout_s}")
-        if max_programs < 1:
-            raise ValueError(f"max_programs must be >= 1, got {max_programs}")
-        self.idle_timeout_s = idle_timeout_s
-        self.max_programs = max_programs
-        self._programs: OrderedDict[str, TrackedProgram] = OrderedDict()  # least recent first
+        self._programs: IdleTable[TrackedProgram] = IdleTable(
+            idle_timeout_s, max_programs, "max_programs"
+        )
 
     def __len__(self) -> int:
         return len(self._programs)
@@ -117,25 +113,16 @@ class ProgramRegistry:
 
         After a last turn the program is forgotten: its id may start a new program.
         """
-        self._forget_idle(now_s)
-        program = self._programs.pop(program_id, None)
+        self._programs.forget_idle(now_s)
+        program = self._programs.pop(program_id)
         if program is None:
+            self._programs.make_room()
             program = TrackedProgram(first_arrival_s=now_s, last_seen_s=now_s)
-            if len(self._programs) >= self.max_programs:
-                self._programs.popitem(last=False)
         turn = program.next_turn
         program.next_turn += 1
-        program.last_seen_s = now_s
         if not last_turn:
-            self._programs[program_id] = program
+            self._programs.touch(program_id, program, now_s)
         return program.first_arrival_s, turn
-
-    def _forget_idle(self, now_s: float) -> None:
-        while self._programs:
-            oldest = next(iter(self._programs.values()))
-            if now_s - oldest.last_seen_s < self.idle_timeout_s:
-                return
-            self._programs.popitem(last=False)
 
 
 @dataclass(frozen=True)
