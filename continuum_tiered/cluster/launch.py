@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from continuum_tiered.cluster.redis_server import RedisServer
 from continuum_tiered.cluster.replicas import ReplicaConfig, replica_server
 from continuum_tiered.cluster.router import ROUTER_POLICIES, router_server
 from continuum_tiered.core.net import port_is_free
-from continuum_tiered.core.server_process import ServerProcess
+from continuum_tiered.core.server_process import ServerProcess, StartStop
 
 
 class ClusterError(ValueError):
@@ -57,7 +56,7 @@ class ClusterConfig:
 Progress = Callable[[str], None]
 
 
-class Cluster:
+class Cluster(StartStop):
     """``with Cluster(config, workdir) as cluster: cluster.url``; logs in ``workdir/logs``."""
 
     def __init__(self, config: ClusterConfig, workdir: Path, progress: Progress = print):
@@ -145,17 +144,6 @@ class Cluster:
             replica.stop()
         if self.redis is not None:
             self.redis.stop()
-
-    def __enter__(self) -> Cluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @contextmanager

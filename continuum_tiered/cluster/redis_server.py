@@ -15,11 +15,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
 from continuum_tiered.core.net import free_port
+from continuum_tiered.core.server_process import StartStop
 
 
 class RedisServerError(RuntimeError):
@@ -40,7 +40,7 @@ def redis_server_binary() -> str:
     return found
 
 
-class RedisServer:
+class RedisServer(StartStop):
     """``with RedisServer(maxmemory="1gb") as r: r.url`` -> ``redis://127.0.0.1:PORT``.
 
     ``maxmemory`` bounds the shared tier; past it Redis evicts least recently used keys
@@ -116,14 +116,3 @@ class RedisServer:
                 self._process.kill()
                 self._process.wait()
         self._process = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

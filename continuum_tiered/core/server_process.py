@@ -12,9 +12,25 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 from continuum_tiered.core.net import free_port
+
+
+class StartStop:
+    """``with part:`` starts it (``start()`` returns the part) and stops it on the way out."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class ServerError(RuntimeError):
@@ -79,7 +95,7 @@ def tiny_engine_flags(model_dir: Path, num_blocks: int) -> list[str]:
     ]
 
 
-class ServerProcess:
+class ServerProcess(StartStop):
     """A server command run until ``/health`` answers; its output goes to ``log_path``.
 
     ``command`` gets ``--host 127.0.0.1 --port PORT`` appended (``port``: a free one unless
@@ -159,17 +175,6 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def python_module_command(module: str, *args: str) -> list[str]:
