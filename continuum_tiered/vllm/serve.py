@@ -210,9 +210,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tiers",
-        metavar="cpu=SIZE[,disk=PATH:SIZE[:cleanup]]",
-        help="keep KV below the GPU in LMCache's CPU (and disk) tiers, e.g. "
-        "cpu=8GB,disk=/scratch:100GB; ':cleanup' removes the disk tier's files at shutdown",
+        metavar="cpu=SIZE[,disk=PATH:SIZE[:cleanup]][,remote=redis://HOST:PORT]",
+        help="keep KV below the GPU in LMCache's CPU (and disk) tiers, and in a Redis shared "
+        "by several servers, e.g. cpu=8GB,disk=/scratch:100GB,remote=redis://10.0.0.5:6379; "
+        "':cleanup' removes the disk tier's files at shutdown",
     )
     p.add_argument(
         "--layerwise-loads",
