@@ -110,7 +110,7 @@ def _write(out: Path, config: dict, runs: list[ClusterRun]) -> None:
     results = {"config": config, "runs": [r.to_json() for r in runs]}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(report(config, runs))
-    plot(runs, config["replicas"], out / "cluster.png")
+    plot(results["runs"], config["replicas"], out / "cluster.png")
 
 
 def report(config: dict, runs: list[ClusterRun]) -> str:
@@ -161,43 +161,41 @@ def report(config: dict, runs: list[ClusterRun]) -> str:
     )
 
 
-def plot(runs: list[ClusterRun], replicas: int, path: Path) -> None:
+def plot(rows: list[dict], replicas: int, path: Path) -> None:
+    """Average and p95 JCT by router and system (hatched: a replica lost), from the rows of
+    ``results.json``. The axes start near the lowest bar: the routers differ by percents."""
     plt = pyplot()
-    clustered = [r for r in runs if r.spec.replicas == replicas]
-    if not clustered:
+    rows = [r for r in rows if r["replicas"] == replicas]
+    if not rows:
         return
-    systems = list(dict.fromkeys(r.summary.policy for r in clustered))
-    routings = list(dict.fromkeys(r.spec.routing for r in clustered))
-    by_key = {
-        (r.summary.policy, r.spec.routing, r.spec.fail_at_s is not None): r for r in clustered
-    }
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    systems = list(dict.fromkeys(r["policy"] for r in rows))
+    routings = list(dict.fromkeys(r["routing"] for r in rows))
+    by_key = {(r["policy"], r["routing"], r["fail_at_s"] is not None): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     width = 0.8 / (2 * len(systems))
     for ax, (metric, title) in zip(
         axes, (("avg_jct_s", "average JCT (s)"), ("p95_jct_s", "p95 JCT (s)")), strict=True
     ):
         for i, system in enumerate(systems):
             for lost in (False, True):
-                values = [
-                    getattr(by_key[(system, r, lost)].summary, metric)
-                    if (system, r, lost) in by_key
-                    else math.nan
-                    for r in routings
-                ]
+                row = [by_key.get((system, routing, lost)) for routing in routings]
                 offset = (2 * i + lost - len(systems) + 0.5) * width
                 ax.bar(
                     [k + offset for k in range(len(routings))],
-                    values,
+                    [math.nan if r is None else r[metric] for r in row],
                     width,
                     color=f"C{i}",
                     hatch="//" if lost else None,
                     alpha=0.6 if lost else 1.0,
-                    label=f"{system}{', replica lost' if lost else ''}",
+                    label=f"{system}{', replica 0 lost' if lost else ''}",
                 )
+        lowest = min(r[metric] for r in rows)
+        ax.set_ylim(bottom=0.9 * lowest)
         ax.set_xticks(range(len(routings)), routings)
         ax.set_ylabel(title)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(systems) * 2, fontsize=8)
     fig.suptitle(f"{replicas} replicas, Llama-3.1-8B on H100 (virtual time)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
