@@ -211,7 +211,7 @@ for model in "${MODELS[@]}"; do
   "$PY" -c '
 import json, sys
 from continuum_tiered.core.deployment import Deployment
-from continuum_tiered.lab.tiny_model import TinyLlamaShape, hf_config
+from continuum_tiered.core.tiny_model import TinyLlamaShape, hf_config
 
 model = sys.argv[1]
 shape = hf_config(TinyLlamaShape()) if model == "tiny-llama" else Deployment(model).hf_config()

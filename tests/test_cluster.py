@@ -152,12 +152,20 @@ class Program:
             **self.agent.extra_body(),
         }
         self.agent.turn += 1
-        response = httpx.post(
-            f"{url}/v1/completions",
-            json=body,
-            headers=self.agent.routing_headers(),
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        # Until the router's health check takes a killed replica off its ring (a few
+        # seconds), requests hashed to it fail with 5xx; a client retries them, as the
+        # replay's runner does.
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while True:
+            response = httpx.post(
+                f"{url}/v1/completions",
+                json=body,
+                headers=self.agent.routing_headers(),
+                timeout=REQUEST_TIMEOUT_S,
+            )
+            if response.status_code < 500 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert response.status_code == 200, response.text
         reply = response.json()
         output = reply["choices"][0]["token_ids"]
