@@ -28,7 +28,6 @@ from pathlib import Path
 import httpx
 import psutil
 
-from continuum_tiered.core.net import free_port
 from continuum_tiered.core.server_process import ServerProcess, prometheus_samples
 
 # Process titles vLLM gives its engine processes (setproctitle).
@@ -52,9 +51,7 @@ class PinnedPortServer(ServerProcess):
         env: dict[str, str] | None = None,
         port: int | None = None,
     ):
-        super().__init__(command, log_path, env)
-        self.port = port or free_port()
-        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__(command, log_path, env, port)
         self.starts = 0
         self.first_log = log_path
 
