@@ -33,7 +33,7 @@ from continuum_tiered.cluster.replicas import ReplicaConfig
 from continuum_tiered.core.metrics import RunSummary
 from continuum_tiered.core.server_process import prometheus_samples, tiny_engine_flags
 from continuum_tiered.core.tiny_model import write_tiny_llama
-from continuum_tiered.lab.demo import demo_programs
+from continuum_tiered.lab.demo import demo_programs, jct_ratios
 from continuum_tiered.lab.experiment import (
     CPU_KV_BLOCKS,
     CPU_PROFILE,
@@ -75,7 +75,6 @@ RATIOS = (
     ("round_robin / consistent_hash+shared", "round_robin", "consistent_hash+shared"),
     ("consistent_hash / consistent_hash+shared", "consistent_hash", "consistent_hash+shared"),
 )
-JCT_KEYS = ("avg_jct_s", "p95_jct_s")
 
 
 @dataclass
@@ -145,16 +144,6 @@ def run_setup(
     return SetupRun(setup.name, summary, records, counters, (load_start, load_end))
 
 
-def jct_ratios(runs: dict[str, SetupRun]) -> dict[str, dict[str, float]]:
-    return {
-        label: {
-            key: getattr(runs[top].summary, key) / getattr(runs[bottom].summary, key)
-            for key in JCT_KEYS
-        }
-        for label, top, bottom in RATIOS
-    }
-
-
 PREFIX_SOURCES = ("gpu", "cpu", "disk", "remote", "recompute")
 
 
@@ -191,7 +180,7 @@ def report_lines(runs: dict[str, SetupRun], ring: list[dict[str, Any]], command:
         lines.append(f"| {name} | " + " | ".join(f"{t:.0f}" for t in totals) + " |")
     lines += ["", "JCT ratios (one run, same programs and seed; above 1 favours the second):", ""]
     lines += ["| ratio | average | p95 |", "|---|---:|---:|"]
-    for label, ratio in jct_ratios(runs).items():
+    for label, ratio in jct_ratios(runs, RATIOS).items():
         lines.append(f"| {label} | {ratio['avg_jct_s']:.2f} | {ratio['p95_jct_s']:.2f} |")
     lines += [
         "",
@@ -256,7 +245,7 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "replicas": REPLICAS,
         "programs": len(programs),
         "kv_blocks": args.kv_blocks,
-        "jct_ratios": jct_ratios(runs),
+        "jct_ratios": jct_ratios(runs, RATIOS),
         "setups": {name: run.to_json() for name, run in runs.items()},
         "ring_changes": ring,
     }

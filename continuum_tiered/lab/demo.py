@@ -20,7 +20,7 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +96,17 @@ def demo_systems(tiers: bool, bound_blocks: int) -> tuple[System, System, System
     return (VLLM, CONTINUUM_TIERED if tiers else WITHOUT_TIERS, vllm_bound(bound_blocks))
 
 
-def jct_ratios(runs: Mapping[str, SystemRun]) -> dict[str, dict[str, float]]:
-    """Each of :data:`RATIOS` for the average and p95 JCT of one round of runs."""
+def jct_ratios(
+    runs: Mapping[str, Any], ratios: Sequence[tuple[str, str, str]] = RATIOS
+) -> dict[str, dict[str, float]]:
+    """Each (label, top, bottom) of ``ratios`` for the average and p95 JCT of one round of
+    runs (anything with a ``summary``), top's over bottom's."""
     return {
         label: {
             key: getattr(runs[top].summary, key) / getattr(runs[bottom].summary, key)
             for key in JCT_KEYS
         }
-        for label, top, bottom in RATIOS
+        for label, top, bottom in ratios
     }
 
 
