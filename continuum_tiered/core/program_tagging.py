@@ -178,6 +178,18 @@ class ProgramTagger:
         payload = load_json_object(body)
         if payload is None:
             return Tagged(body, None)
+        return self.tag_payload(payload, body, headers, now_s, completion)
+
+    def tag_payload(
+        self,
+        payload: dict[str, object],
+        body: bytes,
+        headers: Mapping[str, str],
+        now_s: float,
+        completion: bool = True,
+    ) -> Tagged:
+        """:meth:`tag` for a body already read as the JSON object ``payload`` (changed in
+        place), so that a caller that has parsed it does not parse it again."""
         options = self.options
         scope = api_key_scope(headers.get("authorization")) if options.scope_programs else None
         keep_priority = options.trust_client_priority and "priority" in payload

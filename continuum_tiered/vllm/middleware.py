@@ -119,7 +119,9 @@ class ProgramIdentityMiddleware(HintValidationMiddleware):
         self, scope: Scope, payload: dict[str, object], body: bytes, receive: Receive, send: Send
     ) -> None:
         completion = scope["method"] == "POST" and scope.get("path") in COMPLETION_PATHS
-        tagged = self.tagger.tag(body, Headers(scope=scope), time.time(), completion)
+        tagged = self.tagger.tag_payload(
+            payload, body, Headers(scope=scope), time.time(), completion
+        )
         if tagged.body is not body:
             scope = _with_length(scope, tagged.body)
         if tagged.open_turn is None:
