@@ -37,7 +37,11 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate", help="virtual-time replay of agent traces on vLLM's real scheduler"
     )
-    p.add_argument("--trace", default="swebench", help="swebench, bfcl, miniswe or a trace path")
+    p.add_argument(
+        "--trace",
+        default="swebench",
+        help="swebench, bfcl, miniswe, claude-code, codex or a trace path",
+    )
     p.add_argument("--policies", default=",".join(PEERS), help=f"from {', '.join(PEERS)}")
     p.add_argument("--jps", type=_floats, default=[0.05, 0.1, 0.2], help="program arrivals/s")
     p.add_argument("--programs", type=int, default=100)

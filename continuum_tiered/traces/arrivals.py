@@ -15,6 +15,7 @@ from pathlib import Path
 
 from continuum_tiered.traces.bfcl import load_bfcl
 from continuum_tiered.traces.build import BuildOptions, rescale
+from continuum_tiered.traces.coding_agents import CODING_AGENTS, load_coding_agent
 from continuum_tiered.traces.miniswe import SUFFIX, load_miniswe
 from continuum_tiered.traces.model import TraceProgram, read_trace
 from continuum_tiered.traces.swebench import load_swebench
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 SHARED_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 SWEBENCH_FULL = SHARED_TRACES / "swebench_gemini3_programs.jsonl"
 MINISWE_RAW = SHARED_TRACES / "raw"
-NAMES = ("swebench", "miniswe", "bfcl")
+NAMES = ("swebench", "miniswe", "bfcl", *CODING_AGENTS)
 
 
 def with_poisson_arrivals(
@@ -41,6 +42,16 @@ def with_poisson_arrivals(
     return timed
 
 
+def swebench_path() -> Path | None:
+    """The full SWE-bench trace beside the repository when present, else ``None`` (the
+    loaders' embedded 50-program slice)."""
+    if SWEBENCH_FULL.is_file():
+        log.info("swebench: the full trace %s", SWEBENCH_FULL)
+        return SWEBENCH_FULL
+    log.info("swebench: %s not found, using the embedded 50-program slice", SWEBENCH_FULL)
+    return None
+
+
 def load_named_trace(
     name_or_path: str | Path,
     programs: int | None = None,
@@ -53,22 +64,22 @@ def load_named_trace(
       when present (500 programs), else the embedded 50-program slice.
     - ``"miniswe"``: the raw mini-swe-agent trajectories in ../shared/traces/raw/.
     - ``"bfcl"``: the BFCL v4 multi-turn tasks of the installed ``bfcl-eval`` package.
+    - ``"claude-code"``, ``"codex"``: the ``"swebench"`` programs with that coding agent's
+      heavy-tailed tool times and human waits (:mod:`~continuum_tiered.traces.coding_agents`).
     - a folder or a ``*.traj.json`` file: mini-swe-agent 1.x trajectories.
     - any other path: a trace JSONL, validated by :func:`read_trace`.
 
-    ``seed`` draws the converted sources' tool durations; ``token_scale`` multiplies every
-    token count (trace files included).
+    ``seed`` draws the converted sources' pauses (tool durations, human waits);
+    ``token_scale`` multiplies every token count (trace files included).
     """
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     options = BuildOptions(token_scale=token_scale, seed=seed)
     name = str(name_or_path)
     if name == "swebench":
-        if SWEBENCH_FULL.is_file():
-            log.info("swebench: the full trace %s", SWEBENCH_FULL)
-            return load_swebench(SWEBENCH_FULL, options=options, limit=programs)
-        log.info("swebench: %s not found, using the embedded 50-program slice", SWEBENCH_FULL)
-        return load_swebench(options=options, limit=programs)
+        return load_swebench(swebench_path(), options=options, limit=programs)
+    if name in CODING_AGENTS:
+        return load_coding_agent(name, options, programs, swebench_path())
     if name == "bfcl":
         return load_bfcl(options=options, limit=programs)
     path = MINISWE_RAW if name == "miniswe" else Path(name)

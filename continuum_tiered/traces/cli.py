@@ -1,9 +1,10 @@
 """``continuum-tiered trace``: convert agent traces to the trace format, print their statistics.
 
-- ``trace convert --from swebench|miniswe|bfcl|PATH --out trace.jsonl``: write a trace
-  JSONL (see :func:`~continuum_tiered.traces.arrivals.load_named_trace` for the sources),
-  optionally with Poisson program arrivals (``--jps``).
-- ``trace stats NAME|PATH``: programs, turns, tokens and tool durations of a trace.
+- ``trace convert --from NAME|PATH --out trace.jsonl``: write a trace JSONL of a named
+  trace (swebench, miniswe, bfcl, claude-code, codex) or a path (see
+  :func:`~continuum_tiered.traces.arrivals.load_named_trace` for the sources), optionally
+  with Poisson program arrivals (``--jps``).
+- ``trace stats NAME|PATH``: programs, turns, tokens, tool durations and pauses of a trace.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from continuum_tiered.traces.arrivals import NAMES, load_named_trace, with_poisson_arrivals
+from continuum_tiered.traces.coding_agents import TAIL_MAX_S, TAIL_MIN_S
 from continuum_tiered.traces.model import TraceProgram, write_trace
 
 SOURCE_HELP = f"{', '.join(NAMES)}, a trace JSONL, or mini-swe-agent *.traj.json files' folder"
@@ -77,8 +79,12 @@ class Row:
 
 def trace_stats(programs: Sequence[TraceProgram]) -> list[Row]:
     """Distributions of a trace. Tool durations are those of turns that call a tool,
-    each program's last turn excepted (its pause is never replayed)."""
+    each program's last turn excepted (its pause is never replayed). Pauses are those of
+    every turn but the last, tool-less ones (human waits) included. The heavy tail shows
+    as each program's share of pause time spent in pauses of 1 s to 10 min (programs that
+    never pause excepted): the pauses long enough for a pin to hold memory idle."""
     turns = [t for p in programs for t in p.turns]
+    pauses = [[t.tool_duration_s for t in p.turns[:-1]] for p in programs]
     return [
         Row("turns per program", [len(p.turns) for p in programs], digits=1),
         Row("prompt tokens per turn", [t.prompt_tokens for t in turns]),
@@ -93,7 +99,18 @@ def trace_stats(programs: Sequence[TraceProgram]) -> list[Row]:
             [t.tool_duration_s for p in programs for t in p.turns[:-1] if t.tool is not None],
             digits=3,
         ),
+        Row("pause (s)", [x for program in pauses for x in program], digits=3),
+        Row(
+            "% pause time in 1 s-10 min",
+            [100 * _long_time(program) / sum(program) for program in pauses if sum(program) > 0],
+            digits=1,
+        ),
     ]
+
+
+def _long_time(pauses: Sequence[float]) -> float:
+    """Seconds in pauses as long as real coding agents' long tool calls (1 s to 10 min)."""
+    return sum(x for x in pauses if TAIL_MIN_S <= x <= TAIL_MAX_S)
 
 
 def format_stats(name: str, rows: Sequence[Row]) -> str:
