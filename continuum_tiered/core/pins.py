@@ -52,6 +52,14 @@ class Pin:
     tool: str | None
     context_tokens: int
     benefit_s: float = 0.0  # what the policy expects the pin to save if the program returns
+    # The blocks a returning turn's prefix lookup walks, in position order: all of
+    # ``blocks`` (None) but under the hybrid KV cache manager, where ``blocks`` spans every
+    # KV cache group and this is the full-attention group's share.
+    lookup: list[object] | None = None
+
+    @property
+    def lookup_blocks(self) -> list[object]:
+        return self.blocks if self.lookup is None else self.lookup
 
     @property
     def num_blocks(self) -> int:

@@ -1,4 +1,9 @@
-"""A tiny random Llama on disk, so the CPU build of vLLM runs end to end without downloads.
+"""A tiny random model on disk, so the CPU build of vLLM runs end to end without downloads.
+
+A Llama by default; ``write_tiny_model`` also writes the two other layouts a KV-retention
+system meets: a Gemma-3 text model (sliding-window layers beside full-attention ones: vLLM's
+hybrid KV cache manager keeps one KV cache group per layer type) and a Mixtral (a mixture of
+experts, whose weights dwarf its KV).
 
 vLLM's CPU attention backend rejects head_dim < 64 and needs a block size that is a
 multiple of 32 (docs/architecture.md, 'vLLM CPU build'); everything else is kept as small
@@ -55,12 +60,58 @@ CHAT_TEMPLATE = (
 )
 
 
+# Three sliding-window layers of a 64-token window (two CPU blocks), then one full-attention
+# layer: the ratio is Gemma 3's 5:1 shortened, the window short enough that a turn of a
+# test outgrows it.
+TINY_SLIDING_WINDOW = 64
+_TINY_GEMMA3_LAYERS = ("sliding_attention",) * 3 + ("full_attention",)
+
+
+def gemma3_config(shape: TinyLlamaShape) -> dict[str, object]:
+    return {
+        **hf_config(shape),
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "num_hidden_layers": len(_TINY_GEMMA3_LAYERS),
+        "layer_types": list(_TINY_GEMMA3_LAYERS),
+        "sliding_window": TINY_SLIDING_WINDOW,
+        "query_pre_attn_scalar": shape.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rope_local_base_freq": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    }
+
+
+def mixtral_config(shape: TinyLlamaShape) -> dict[str, object]:
+    return {
+        **hf_config(shape),
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    }
+
+
+TINY_FAMILIES = {"llama": hf_config, "gemma3": gemma3_config, "mixtral": mixtral_config}
+
+
 def write_tiny_llama(directory: str | Path, shape: TinyLlamaShape | None = None) -> Path:
     """Write config.json and a WordLevel tokenizer to ``directory``; return the directory."""
+    return write_tiny_model(directory, "llama", shape)
+
+
+def write_tiny_model(
+    directory: str | Path, family: str, shape: TinyLlamaShape | None = None
+) -> Path:
+    """A tiny model of ``family`` (one of ``TINY_FAMILIES``) in ``directory``."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}: expected {sorted(TINY_FAMILIES)}")
     shape = shape or TinyLlamaShape()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
+    config = TINY_FAMILIES[family](shape)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(out, shape.vocab_size)
     return out
 

@@ -5,6 +5,12 @@ It moves no KV. It only holds extra references on a finished turn's blocks (see
 back when the next turn is allocated, when the TTL expires, or when memory is needed:
 
 - ``request_finished``: ask the retention policy for a TTL and pin the turn's full blocks.
+  Under vLLM's hybrid KV cache manager (a model with sliding-window layers: one KV cache
+  group per layer type, ``SupportsHMA``), ``request_finished_all_groups`` pins each group's
+  blocks: the full-attention groups' whole prefix, the sliding-window groups' blocks still
+  in their window (vLLM has already freed the ones before it, which no later turn reads).
+  The returning turn's prefix hit needs both: vLLM accepts a hit only where every group has
+  its blocks.
 - ``get_num_new_matched_tokens``: before a waiting request is allocated, release pins
   until its first chunk fits (``connectors.demand`` has vLLM's arithmetic), so a pin never
   blocks admission: the requester's own pin too, where its next prompt diverged from it.
@@ -35,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
@@ -56,7 +63,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
-    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
@@ -66,6 +73,18 @@ _PINNABLE = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LE
 _WALL_CLOCK_NO_TIERS = NoTiers()
 
 
+def _lookup_group(groups: Sequence[KVCacheGroupSpec]) -> int:
+    """The KV cache group whose pinned blocks measure a returning turn's prefix hit: the
+    first full-attention one (its blocks cover the whole prefix); group 0 where all layers
+    slide."""
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    for i, group in enumerate(groups):
+        if not isinstance(group.kv_cache_spec, SlidingWindowSpec):
+            return i
+    return 0
+
+
 def _shared_blocks(pinned: list[Any], held: Sequence[Any]) -> int:
     """How many of a pin's blocks a request holds. A pinned block can only be held at its
     own position: its hash chains every block before it, and a pinned block is never in
@@ -73,7 +92,7 @@ def _shared_blocks(pinned: list[Any], held: Sequence[Any]) -> int:
     return sum(map(operator.is_, pinned, held))
 
 
-class ContinuumConnector(SchedulerOnlyConnector):
+class ContinuumConnector(SchedulerOnlyConnector, SupportsHMA):
     def __init__(
         self,
         vllm_config: VllmConfig,
@@ -90,7 +109,9 @@ class ContinuumConnector(SchedulerOnlyConnector):
         self.block_size = vllm_config.cache_config.block_size
         self.programs = ProgramTable()
         self._pins: PinTable | None = None
-        self._demand = BlockDemand(vllm_config, self.block_size)
+        groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+        self._demand = BlockDemand(vllm_config, self.block_size, max(1, len(groups)))
+        self._lookup_group = _lookup_group(groups)
         self._deferred = DeferredFrees(vllm_config)
         self._tool_parser = ReplyToolParser(vllm_config.model_config)
         self._requests: dict[str, Request] = {}  # every live request, hinted or not
@@ -200,7 +221,8 @@ class ContinuumConnector(SchedulerOnlyConnector):
         pin = self.pins.release(program_id, ReleaseReason.HANDED_OVER)
         hit_tokens = 0
         if pin is not None:
-            hit_tokens = self.block_size * _shared_blocks(pin.blocks, blocks.blocks[0])
+            held = blocks.blocks[self._lookup_group]
+            hit_tokens = self.block_size * _shared_blocks(pin.lookup_blocks, held)
             self._counters["pinned_prefix_hit_tokens"] += hit_tokens
             self._counters["pin_handovers"] += 1
         self.programs.record_prompt(program_id, request.num_prompt_tokens, hit_tokens)
@@ -211,8 +233,13 @@ class ContinuumConnector(SchedulerOnlyConnector):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
-        self._deferred.request_finished(block_ids)
+        self._deferred.request_finished([i for group in block_ids for i in group])
         hints = self._hints.pop(request.request_id, None)
         if hints is None:
             return False, None
@@ -240,12 +267,12 @@ class ContinuumConnector(SchedulerOnlyConnector):
         self._tool_ttls[self._tool_labels.label(tool)] = decision.ttl_s
         if decision.offload and self.tiers.can_offload:
             self.tiers.offload(request)
-        blocks = (
-            self._full_cached_blocks(block_ids, request.num_computed_tokens)
+        groups = (
+            [self._cached_blocks(ids, request.num_computed_tokens) for ids in block_ids]
             if decision.ttl_s > 0
             else []
         )
-        pinned = bool(blocks)
+        pinned = bool(groups) and all(groups)  # a group with nothing cached: no prefix hit
         program = self.programs.turn_finished(
             hints.program_id, now, tool, request.num_tokens, pinned=pinned
         )
@@ -254,7 +281,8 @@ class ContinuumConnector(SchedulerOnlyConnector):
                 Pin(
                     program_id=hints.program_id,
                     program_seq=program.seq,
-                    blocks=blocks,
+                    blocks=[block for group in groups for block in group],
+                    lookup=groups[self._lookup_group] if len(groups) > 1 else None,
                     pinned_at_s=now,
                     deadline_s=now + decision.ttl_s,
                     tool=tool,
@@ -373,12 +401,16 @@ class ContinuumConnector(SchedulerOnlyConnector):
     def _has_waiting_request(self, program_id: str) -> bool:
         return self._waiting_per_program.get(program_id, 0) > 0
 
-    def _full_cached_blocks(self, block_ids: list[int], num_computed_tokens: int) -> list[Any]:
-        """The turn's full, hashed blocks, up to the first one that is not (a hole would
-        make the rest unreachable by a prefix lookup). The null block is never pinned."""
+    def _cached_blocks(self, block_ids: list[int], num_computed_tokens: int) -> list[Any]:
+        """One KV cache group's full, hashed blocks of the turn: past the null blocks a
+        sliding-window group starts with (freed already, out of its window), up to the first
+        block that is not hashed (a hole would make the rest unreachable by a prefix
+        lookup). The null block is never pinned."""
         blocks = []
         for block_id in block_ids[: num_computed_tokens // self.block_size]:
             block = self._block_pool.blocks[block_id]
+            if block.is_null and not blocks:
+                continue
             if block.is_null or block.block_hash is None:
                 break
             blocks.append(block)

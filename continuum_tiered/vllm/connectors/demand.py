@@ -11,7 +11,10 @@ frees pins *before* vLLM allocates, and needs vLLM's own arithmetic to know how 
   compute next (one decode token, or its next prefill chunk), plus lookahead slots.
 
 Both are upper bounds where vLLM's own number depends on the step's remaining token
-budget, which a connector cannot see. Async KV loads (which vLLM admits against a further
+budget, which a connector cannot see. Under the hybrid KV cache manager every KV cache
+group allocates its own blocks from the one pool, so each count is per group times the
+groups: exact for full-attention groups, an upper bound for sliding-window ones (which
+need no blocks before their window). Async KV loads (which vLLM admits against a further
 reservation) are not counted: our connectors load synchronously.
 """
 
@@ -49,9 +52,10 @@ class Admission:
 
 
 class BlockDemand:
-    def __init__(self, vllm_config: VllmConfig, block_size: int) -> None:
+    def __init__(self, vllm_config: VllmConfig, block_size: int, num_groups: int = 1) -> None:
         sched = vllm_config.scheduler_config
         self.block_size = block_size
+        self.num_groups = num_groups  # KV cache groups, each allocating from the pool
         self.max_model_len = vllm_config.model_config.max_model_len
         self.lookahead = vllm_config.num_lookahead_tokens
         self.max_chunk = sched.max_num_batched_tokens
@@ -68,18 +72,19 @@ class BlockDemand:
 
     def admission_upper_bound(self, request: Request) -> int:
         """Blocks admitting ``request`` can take at most, whatever its prefix hit."""
-        return self._blocks_through(request, 0) + self.watermark_blocks
+        return self.num_groups * self._blocks_through(request, 0) + self.watermark_blocks
 
     def admission(self, request: Request, local_hit_tokens: int) -> Admission:
-        hit = self._local_hit_blocks(request, local_hit_tokens)
-        new = self._blocks_through(request, len(hit) * self.block_size) - len(hit)
-        return Admission(new + self.watermark_blocks, hit)
+        positions, hit = self._local_hit(request, local_hit_tokens)
+        per_group = self._blocks_through(request, positions * self.block_size) - positions
+        return Admission(self.num_groups * per_group + self.watermark_blocks, hit)
 
     def next_step_upper_bound(self, num_requests: int) -> int:
         """Blocks a step of ``num_requests`` running requests can take at most: a block
         boundary each (plus lookahead), and a token budget's worth of prefill chunks."""
         per_request = 1 + _cdiv(self.lookahead, self.block_size)
-        return num_requests * per_request + _cdiv(self.max_chunk, self.block_size)
+        per_group = num_requests * per_request + _cdiv(self.max_chunk, self.block_size)
+        return self.num_groups * per_group
 
     def next_step_blocks(self, request: Request, scheduled_tokens: int) -> int:
         """New blocks ``request`` needs in the step after the one that schedules
@@ -93,7 +98,7 @@ class BlockDemand:
             upcoming = min(request.num_tokens - computed, self.max_chunk)
         held = _cdiv(min(computed + self.lookahead, self.max_model_len), self.block_size)
         end = min(computed + upcoming + self.lookahead, self.max_model_len)
-        return max(0, _cdiv(end, self.block_size) - held)
+        return self.num_groups * max(0, _cdiv(end, self.block_size) - held)
 
     def _blocks_through(self, request: Request, computed: int) -> int:
         """Blocks covering the prompt up to the end of its first chunk after ``computed``."""
@@ -102,15 +107,17 @@ class BlockDemand:
         end = min(computed + chunk + self.lookahead, self.max_model_len)
         return _cdiv(end, self.block_size)
 
-    def _local_hit_blocks(self, request: Request, hit_tokens: int) -> list[Any]:
-        """The blocks of the local prefix hit vLLM just found (a pure lookup: calling
-        ``get_computed_blocks`` again would count the query twice in its stats)."""
+    def _local_hit(self, request: Request, hit_tokens: int) -> tuple[int, list[Any]]:
+        """The block positions the local prefix hit vLLM just found covers, and its blocks
+        in every KV cache group but the null block (a sliding-window group's placeholder
+        before its window). A pure lookup: calling ``get_computed_blocks`` again would
+        count the query twice in its stats."""
         if self.manager is None or hit_tokens <= 0:
-            return []
-        blocks, _, *_ = self.manager.coordinator.find_longest_cache_hit(
+            return 0, []
+        groups, _, *_ = self.manager.coordinator.find_longest_cache_hit(
             request.block_hashes, hit_tokens
         )
-        return list(blocks[0])
+        return len(groups[0]), [b for group in groups for b in group if not b.is_null]
 
 
 class DeferredFrees:
