@@ -15,7 +15,7 @@ from continuum_tiered.core.metrics import RunSummary, markdown_table
 from continuum_tiered.core.plots import plot_jct_cdf, pyplot
 from continuum_tiered.sim.peers import PEERS, get_peer
 from continuum_tiered.sim.routing import ROUTERS, ClusterSpec
-from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
+from continuum_tiered.traces.arrivals import NAMES, load_named_trace, with_poisson_arrivals
 
 if TYPE_CHECKING:
     from continuum_tiered.sim.peers import Peer
@@ -40,7 +40,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trace",
         default="swebench",
-        help="swebench, bfcl, miniswe, claude-code, codex or a trace path",
+        help=f"{', '.join(NAMES)} or a trace path",
     )
     p.add_argument("--policies", default=",".join(PEERS), help=f"from {', '.join(PEERS)}")
     p.add_argument("--jps", type=_floats, default=[0.05, 0.1, 0.2], help="program arrivals/s")

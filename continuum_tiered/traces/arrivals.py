@@ -18,6 +18,7 @@ from continuum_tiered.traces.build import BuildOptions, rescale
 from continuum_tiered.traces.coding_agents import CODING_AGENTS, load_coding_agent
 from continuum_tiered.traces.miniswe import SUFFIX, load_miniswe
 from continuum_tiered.traces.model import TraceProgram, read_trace
+from continuum_tiered.traces.openhands import load_openhands
 from continuum_tiered.traces.swebench import load_swebench
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 SHARED_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 SWEBENCH_FULL = SHARED_TRACES / "swebench_gemini3_programs.jsonl"
 MINISWE_RAW = SHARED_TRACES / "raw"
-NAMES = ("swebench", "miniswe", "bfcl", *CODING_AGENTS)
+NAMES = ("swebench", "miniswe", "bfcl", "openhands", *CODING_AGENTS)
 
 
 def with_poisson_arrivals(
@@ -64,6 +65,8 @@ def load_named_trace(
       when present (500 programs), else the embedded 50-program slice.
     - ``"miniswe"``: the raw mini-swe-agent trajectories in ../shared/traces/raw/.
     - ``"bfcl"``: the BFCL v4 multi-turn tasks of the installed ``bfcl-eval`` package.
+    - ``"openhands"``: 50 OpenHands 0.15 runs on SWE-bench Verified, with their recorded
+      tool gaps (:mod:`~continuum_tiered.traces.openhands`).
     - ``"claude-code"``, ``"codex"``: the ``"swebench"`` programs with that coding agent's
       heavy-tailed tool times and human waits (:mod:`~continuum_tiered.traces.coding_agents`).
     - a folder or a ``*.traj.json`` file: mini-swe-agent 1.x trajectories.
@@ -82,6 +85,8 @@ def load_named_trace(
         return load_coding_agent(name, options, programs, swebench_path())
     if name == "bfcl":
         return load_bfcl(options=options, limit=programs)
+    if name == "openhands":
+        return load_openhands(options=options, limit=programs)
     path = MINISWE_RAW if name == "miniswe" else Path(name)
     if not path.exists():
         raise ValueError(f"no trace {name!r}: expected {', '.join(NAMES)} or an existing path")
