@@ -223,3 +223,52 @@ def _positive_number(value: object) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
     return None
+
+
+@dataclass(frozen=True)
+class SlidingWindowLayout:
+    """Which layers of a model attend over a sliding window: vLLM's hybrid KV cache manager
+    keeps only the window's KV for those, and full-length KV for the others."""
+
+    num_layers: int
+    sliding_layers: int
+    window: int
+
+    def kv_bytes(
+        self, tokens: int, bytes_per_token_layer: int, block_size: int, hybrid: bool
+    ) -> int:
+        """KV bytes one request of ``tokens`` holds: with the hybrid manager, a sliding layer
+        keeps the window's blocks (vLLM frees the ones before it; one more block for the
+        window's start) and a full layer all of its blocks; without it every layer keeps
+        all of them."""
+        blocks = -(-tokens // block_size)
+        if not hybrid:
+            return self.num_layers * blocks * block_size * bytes_per_token_layer
+        window_blocks = min(blocks, -(-(self.window - 1) // block_size) + 1)
+        full = self.num_layers - self.sliding_layers
+        per_layer_blocks = full * blocks + self.sliding_layers * window_blocks
+        return per_layer_blocks * block_size * bytes_per_token_layer
+
+
+def sliding_window_layout(config: Mapping[str, object]) -> SlidingWindowLayout | None:
+    """The sliding-window layers of a model that mixes them with full-attention ones, from
+    ``layer_types`` (Gemma 3, Gemma 2 and others in recent configs), else Gemma 3's
+    ``sliding_window_pattern`` (every N-th layer full) or Gemma 2's alternation. None when no
+    layer slides or every layer does (one KV cache group: the manager changes nothing)."""
+    text = text_config(config)
+    window = _first(text, ("sliding_window",))
+    num_layers = _first(text, _LAYERS)
+    if window is None or num_layers is None:
+        return None
+    layer_types = text.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == num_layers:
+        sliding = sum(1 for t in layer_types if t == "sliding_attention")
+    elif (pattern := _first(text, ("sliding_window_pattern",))) is not None:
+        sliding = num_layers - num_layers // pattern
+    elif text.get("model_type") == "gemma2":
+        sliding = (num_layers + 1) // 2
+    else:
+        return None
+    if sliding in (0, num_layers):
+        return None
+    return SlidingWindowLayout(num_layers, sliding, window)
