@@ -64,13 +64,20 @@ class InProcessSetup:
     max_num_seqs: int
     policy: str | None = None
     profile: str | None = None
+    policy_options: Mapping[str, object] = field(default_factory=dict)
+    max_model_len: int | None = None  # None: the whole pool (one KV cache group)
 
     @property
     def vocab_size(self) -> int:
         return int(json.loads((self.model_dir / "config.json").read_text())["vocab_size"])
 
     def engine_args(self) -> EngineArgs:
-        serve = ServeOptions(model=str(self.model_dir), policy=self.policy, profile=self.profile)
+        serve = ServeOptions(
+            model=str(self.model_dir),
+            policy=self.policy,
+            profile=self.profile,
+            policy_options=dict(self.policy_options),
+        )
         return EngineArgs(
             model=str(self.model_dir),
             skip_tokenizer_init=True,
@@ -78,7 +85,7 @@ class InProcessSetup:
             enforce_eager=True,
             block_size=BLOCK_SIZE,
             num_gpu_blocks_override=self.kv_blocks,
-            max_model_len=tiny_max_model_len(self.model_dir, self.kv_blocks),
+            max_model_len=self.max_model_len or tiny_max_model_len(self.model_dir, self.kv_blocks),
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
             enable_prefix_caching=True,

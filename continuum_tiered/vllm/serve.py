@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from continuum_tiered.core.model_shapes import attention_dims, sliding_window_layout
 from continuum_tiered.core.profile import TierProfile, default_profile, load_profile
 from continuum_tiered.core.profile_source import resolve_profile
 from continuum_tiered.core.tenancy import SCOPE_MODES
@@ -319,6 +320,60 @@ def check_policy(options: ServeOptions) -> str:
     return f"retention policy: {policy} (the default)"
 
 
+# The request length the hybrid KV cache manager's note prices, unless --max-model-len is
+# shorter: a long coding-agent context (SWE-bench prompts reach 30k tokens at p90).
+NOTE_TOKENS = 32_768
+CUDA_BLOCK_SIZE = 16
+
+
+def _flag_value(vllm_args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(vllm_args):
+        flag, sep, value = arg.partition("=")
+        if flag == name:
+            return value if sep else (vllm_args[i + 1] if i + 1 < len(vllm_args) else None)
+    return None
+
+
+def hybrid_kv_note(options: ServeOptions) -> str | None:
+    """What vLLM's hybrid KV cache manager does for this model here, with its memory
+    figures; None for a model without both sliding-window and full-attention layers (or
+    whose config cannot be read). ``--tiers`` turns the manager off: LMCache's connector
+    does not support it, so the sliding-window layers keep full-length KV."""
+    hf_config = model_hf_config(options.model)
+    layout = sliding_window_layout(hf_config) if hf_config is not None else None
+    if hf_config is None or layout is None:
+        return None
+    dims = attention_dims(hf_config, options.model)
+    per_token_layer = 2 * dims.num_kv_heads * dims.head_dim * served_dtype_bytes(options.vllm_args)
+    max_len = _flag_value(options.vllm_args, "--max-model-len")
+    tokens = min(NOTE_TOKENS, int(max_len)) if max_len and max_len.isdigit() else NOTE_TOKENS
+    block = _flag_value(options.vllm_args, "--block-size")
+    block_size = int(block) if block and block.isdigit() else CUDA_BLOCK_SIZE
+    on, off = (
+        layout.kv_bytes(tokens, per_token_layer, block_size, hybrid) for hybrid in (True, False)
+    )
+    shape = (
+        f"{layout.sliding_layers} of {layout.num_layers} layers attend over a "
+        f"{layout.window}-token window"
+    )
+    request = f"a {tokens:,}-token request holds"
+    if options.tiers is not None:
+        return (
+            f"hybrid KV cache manager: off, as LMCache's connector needs ({shape}, but keep "
+            f"full-length KV): {request} {_gib(off)} of KV instead of {_gib(on)} "
+            f"({off / on:.1f}x); without --tiers it stays on"
+        )
+    return (
+        f"hybrid KV cache manager: on ({shape}; pins hold each layer group's blocks, a "
+        f"sliding layer's only within its window): {request} {_gib(on)} of KV, "
+        f"{_gib(off)} with --tiers, which turns it off"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def _api_servers(vllm_args: list[str]) -> int:
     """vLLM's ``--api-server-count`` among the passed-through flags (1 when absent)."""
     for i, arg in enumerate(vllm_args):
@@ -349,6 +404,8 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
     command = [*vllm_server_command(options.model), *flags]
     runs = [f"{k}={v}" for k, v in env.items()] + command
     print(policy_line)
+    if (note := hybrid_kv_note(options)) is not None:
+        print(note)
     if options.program_identity == "conversation" and _api_servers(passthrough) > 1:
         print(
             "warning: each API server process keeps its own conversations, so an agent's "

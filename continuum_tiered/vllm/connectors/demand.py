@@ -12,14 +12,17 @@ frees pins *before* vLLM allocates, and needs vLLM's own arithmetic to know how 
 
 Both are upper bounds where vLLM's own number depends on the step's remaining token
 budget, which a connector cannot see. Under the hybrid KV cache manager every KV cache
-group allocates its own blocks from the one pool, so each count is per group times the
-groups: exact for full-attention groups, an upper bound for sliding-window ones (which
-need no blocks before their window). Async KV loads (which vLLM admits against a further
-reservation) are not counted: our connectors load synchronously.
+group allocates its own blocks from the one pool, and a sliding-window group's admission
+is capped by its window, which no per-group product reproduces: admission then asks
+vLLM's own coordinator (the count its allocation checks), and the next step counts every
+group as a full-attention one (an upper bound: pins give way a little early, never too
+late). Async KV loads (which vLLM admits against a further reservation) are not counted:
+our connectors load synchronously.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,12 +75,42 @@ class BlockDemand:
 
     def admission_upper_bound(self, request: Request) -> int:
         """Blocks admitting ``request`` can take at most, whatever its prefix hit."""
-        return self.num_groups * self._blocks_through(request, 0) + self.watermark_blocks
+        if self.num_groups > 1 and self.manager is not None:
+            no_hit = self.manager.empty_kv_cache_blocks.blocks
+            return self._hybrid_new_blocks(request, no_hit, 0) + self.watermark_blocks
+        return self._blocks_through(request, 0) + self.watermark_blocks
 
     def admission(self, request: Request, local_hit_tokens: int) -> Admission:
-        positions, hit = self._local_hit(request, local_hit_tokens)
-        per_group = self._blocks_through(request, positions * self.block_size) - positions
-        return Admission(self.num_groups * per_group + self.watermark_blocks, hit)
+        groups, hit = self._local_hit(request, local_hit_tokens)
+        computed = len(groups[0]) * self.block_size if groups else 0
+        if self.num_groups > 1 and self.manager is not None:
+            new = self._hybrid_new_blocks(request, groups, computed)
+        else:
+            new = self._blocks_through(request, computed) - len(hit)
+        return Admission(new + self.watermark_blocks, hit)
+
+    def _hybrid_new_blocks(
+        self, request: Request, hit: Sequence[Sequence[Any]], computed: int
+    ) -> int:
+        """New blocks of every KV cache group for the request's first allocation, as
+        ``KVCacheManager.allocate_slots`` counts them (sliding windows capped)."""
+        assert self.manager is not None
+        if self.whole_prompt:
+            end = min(request.num_tokens, self.max_model_len)
+        else:
+            chunk = min(request.num_tokens - computed, self.max_chunk)
+            end = min(computed + chunk + self.lookahead, self.max_model_len)
+        return self.manager.coordinator.get_num_blocks_to_allocate(
+            request_id=request.request_id,
+            num_tokens=end,
+            new_computed_blocks=tuple(hit),
+            num_encoder_tokens=0,
+            total_computed_tokens=computed,
+            num_local_computed_tokens=computed,
+            num_tokens_main_model=end,
+            apply_admission_cap=True,
+            prefill_end=max(request.num_prompt_tokens, request.num_tokens - 1),
+        )
 
     def next_step_upper_bound(self, num_requests: int) -> int:
         """Blocks a step of ``num_requests`` running requests can take at most: a block
@@ -107,17 +140,20 @@ class BlockDemand:
         end = min(computed + chunk + self.lookahead, self.max_model_len)
         return _cdiv(end, self.block_size)
 
-    def _local_hit(self, request: Request, hit_tokens: int) -> tuple[int, list[Any]]:
-        """The block positions the local prefix hit vLLM just found covers, and its blocks
-        in every KV cache group but the null block (a sliding-window group's placeholder
-        before its window). A pure lookup: calling ``get_computed_blocks`` again would
-        count the query twice in its stats."""
+    def _local_hit(
+        self, request: Request, hit_tokens: int
+    ) -> tuple[Sequence[Sequence[Any]], list[Any]]:
+        """The local prefix hit vLLM just found, per KV cache group, and its blocks but the
+        null block (a sliding-window group's placeholder before its window). A pure
+        lookup: calling ``get_computed_blocks`` again would count the query twice in its
+        stats."""
         if self.manager is None or hit_tokens <= 0:
-            return 0, []
+            empty = self.manager.empty_kv_cache_blocks.blocks if self.manager else ()
+            return empty, []
         groups, _, *_ = self.manager.coordinator.find_longest_cache_hit(
             request.block_hashes, hit_tokens
         )
-        return len(groups[0]), [b for group in groups for b in group if not b.is_null]
+        return groups, [b for group in groups for b in group if not b.is_null]
 
 
 class DeferredFrees:
