@@ -17,6 +17,7 @@ The machinery is :mod:`continuum_tiered.lab.experiment`'s; ``experiments/`` has 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -43,9 +44,9 @@ from continuum_tiered.lab.experiment import (
     run_experiment,
     vllm_bound,
 )
-from continuum_tiered.traces.arrivals import with_poisson_arrivals
+from continuum_tiered.traces.arrivals import NAMES as TRACE_NAMES
+from continuum_tiered.traces.arrivals import load_named_trace, with_poisson_arrivals
 from continuum_tiered.traces.model import TraceProgram
-from continuum_tiered.traces.swebench import SwebenchOptions, load_swebench
 
 NAMES = (VLLM.name, CONTINUUM_TIERED.name, BOUND)  # the names every table and plot use
 WITHOUT_TIERS = System(CONTINUUM_TIERED.name, plugin(), send_hints=True)
@@ -60,6 +61,11 @@ JCT_KEYS = ("avg_jct_s", "p95_jct_s")
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="vanilla vLLM vs continuum-tiered on the CPU build")
+    p.add_argument(
+        "--trace",
+        default="swebench",
+        help=f"{', '.join(TRACE_NAMES)} or a trace path (default: the SWE-bench programs)",
+    )
     p.add_argument("--programs", type=int, default=8)
     p.add_argument("--turns", type=int, default=8, help="first N turns of each program")
     p.add_argument(
@@ -86,8 +92,10 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def demo_programs(args: argparse.Namespace) -> list[TraceProgram]:
-    options = SwebenchOptions(token_scale=args.token_scale, max_turns=args.turns, seed=args.seed)
-    programs = load_swebench(options=options, limit=args.programs)
+    programs = [
+        dataclasses.replace(program, turns=program.turns[: args.turns])
+        for program in load_named_trace(args.trace, args.programs, args.seed, args.token_scale)
+    ]
     return with_poisson_arrivals(programs, 1 / args.interarrival, args.seed)
 
 
