@@ -89,6 +89,14 @@ class Peer:
     unlimited_kv: bool = False
     every_order: bool = False  # run each of QUEUE_ORDERS and keep the lowest average JCT
 
+    @property
+    def hybrid_kv_cache_manager(self) -> bool:
+        """Whether vLLM's hybrid KV cache manager (HMA) runs: LMCache's connector does not
+        support it, so a peer with LMCache tiers runs with ``--disable-hybrid-kv-cache-
+        manager`` (sliding-window layers keep full-length KV); ``vllm`` and the pins-only
+        peers (``ContinuumConnector`` supports it) keep it on."""
+        return not self.lmcache
+
 
 PEERS: dict[str, Peer] = {
     peer.name: peer

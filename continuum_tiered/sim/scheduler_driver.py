@@ -28,7 +28,12 @@ from vllm.config import KVTransferConfig, VllmConfig
 from vllm.engine.arg_utils import EngineArgs
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.kv_cache_utils import (
+    get_kv_cache_config_from_groups,
+    get_kv_cache_groups,
+    get_request_block_hasher,
+    init_none_hash,
+)
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -36,20 +41,22 @@ from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
-    KVCacheGroupSpec,
-    KVCacheTensor,
+    KVCacheSpec,
+    SlidingWindowSpec,
 )
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from continuum_tiered.core.model_shapes import attention_dims
+from continuum_tiered.core.model_shapes import attention_dims, sliding_window_layout, text_config
 from continuum_tiered.vllm.plugin import register
 
 
 @dataclass(frozen=True)
 class DriverConfig:
     model_dir: Path
+    # The KV pool in blocks of the full layout (every layer's KV of ``block_size`` tokens):
+    # its bytes are what vLLM's KV cache groups share (``SchedulerDriver.kv_cache_config``).
     num_blocks: int
     block_size: int = 32
     max_model_len: int = 8192
@@ -84,29 +91,72 @@ def build_vllm_config(cfg: DriverConfig) -> VllmConfig:
     return args.create_engine_config()
 
 
-def _kv_cache_config(vllm_config: VllmConfig, num_blocks: int, block_size: int) -> KVCacheConfig:
-    hf = json.loads((Path(vllm_config.model_config.model) / "config.json").read_text())
+def _sliding_layers(hf: dict, num_layers: int) -> set[int]:
+    """The indices of the layers that attend over a sliding window (none for a model that
+    does not mix them with full-attention layers)."""
+    layout = sliding_window_layout(hf)
+    if layout is None:
+        return set()
+    text = text_config(hf)
+    layer_types = text.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == num_layers:
+        return {i for i, kind in enumerate(layer_types) if kind == "sliding_attention"}
+    pattern = text.get("sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 0:  # Gemma 3: every pattern-th layer is full
+        return {i for i in range(num_layers) if (i + 1) % pattern != 0}
+    return {i for i in range(num_layers) if i % 2 == 0}  # Gemma 2: even layers slide
+
+
+def layer_kv_specs(hf: dict, block_size: int) -> dict[str, KVCacheSpec]:
+    """Each attention layer's KV cache spec, as the model runner would report them."""
     dims = attention_dims(hf)
-    spec = FullAttentionSpec(
-        block_size=block_size,
-        num_kv_heads=dims.num_kv_heads,
-        head_size=dims.head_dim,
-        dtype=torch.bfloat16,
+    sliding = _sliding_layers(hf, dims.num_layers)
+    window = text_config(hf).get("sliding_window")
+    specs: dict[str, KVCacheSpec] = {}
+    for i in range(dims.num_layers):
+        common = dict(
+            block_size=block_size,
+            num_kv_heads=dims.num_kv_heads,
+            head_size=dims.head_dim,
+            dtype=torch.bfloat16,
+        )
+        name = f"model.layers.{i}.self_attn.attn"
+        if i in sliding:
+            specs[name] = SlidingWindowSpec(**common, sliding_window=int(window))
+        else:
+            specs[name] = FullAttentionSpec(**common)
+    return specs
+
+
+def _kv_cache_config(vllm_config: VllmConfig, num_blocks: int, block_size: int) -> KVCacheConfig:
+    """vLLM's own KV cache config for the model's layers, in a pool of ``num_blocks`` blocks
+    of the full layout (every layer's KV of ``block_size`` tokens): that memory, in bytes, is
+    what vLLM's grouping divides. With the hybrid KV cache manager a model mixing sliding-
+    window and full-attention layers gets one group per layer type, each block holding a
+    group's layers only, so the same memory holds more (smaller) blocks; without it, and
+    for a model of one layer type, one group of ``num_blocks`` blocks."""
+    hf = json.loads((Path(vllm_config.model_config.model) / "config.json").read_text())
+    specs = layer_kv_specs(hf, block_size)
+    full_layout_block = sum(
+        FullAttentionSpec(
+            block_size=block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            dtype=spec.dtype,
+        ).page_size_bytes
+        for spec in specs.values()
     )
-    layers = [f"model.layers.{i}.self_attn.attn" for i in range(dims.num_layers)]
-    page = spec.page_size_bytes
-    return KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[
-            KVCacheTensor(
-                size=page * num_blocks * len(layers),
-                layers=layers,
-                layer_stride=page * num_blocks,
-                block_stride=page,
-            )
-        ],
-        kv_cache_groups=[KVCacheGroupSpec(layers, spec)],
-    )
+    cache = vllm_config.cache_config
+    if cache.kv_cache_layout is None:  # the engine core resolves it from the backends:
+        cache.kv_cache_layout = "NHD"  # FlashAttention's, on the GPU modelled
+    groups = get_kv_cache_groups(vllm_config, specs)
+    override, cache.num_gpu_blocks_override = cache.num_gpu_blocks_override, None
+    try:  # the pool is sized by memory here, not by the override build_vllm_config sets
+        return get_kv_cache_config_from_groups(
+            vllm_config, groups, available_memory=num_blocks * full_layout_block
+        )
+    finally:
+        cache.num_gpu_blocks_override = override
 
 
 class SchedulerDriver:
@@ -116,15 +166,17 @@ class SchedulerDriver:
         """``vllm_config`` reuses one built by ``build_vllm_config(cfg)`` (it takes seconds)."""
         self.cfg = cfg
         self.vllm_config = vllm_config or build_vllm_config(cfg)
-        # The engine core sets this after profiling memory; here the caller chooses it.
-        self.vllm_config.cache_config.num_gpu_blocks = cfg.num_blocks
         self.vllm_config.scheduler_config.async_scheduling = cfg.async_scheduling
+        # ``cfg.num_blocks`` of the full layout, in the groups vLLM makes of the layers.
+        self.kv_cache_config = _kv_cache_config(self.vllm_config, cfg.num_blocks, cfg.block_size)
+        # The engine core sets this after profiling memory; here the caller chooses it.
+        self.vllm_config.cache_config.num_gpu_blocks = self.kv_cache_config.num_blocks
         scheduler_cls = AsyncScheduler if cfg.async_scheduling else Scheduler
         self.depth = self.vllm_config.max_concurrent_batches  # steps in flight at most
         self._in_flight: deque[ScheduledStep] = deque()
         self.scheduler = scheduler_cls(
             vllm_config=self.vllm_config,
-            kv_cache_config=_kv_cache_config(self.vllm_config, cfg.num_blocks, cfg.block_size),
+            kv_cache_config=self.kv_cache_config,
             structured_output_manager=StructuredOutputManager(self.vllm_config),
             block_size=cfg.block_size,
             hash_block_size=cfg.block_size,

@@ -48,7 +48,7 @@ SETTINGS = {
 class Hardware:
     name: str
     cpu_tier_bytes: float = 100e9
-    gpu_memory_bytes: float = 80e9
+    gpu_memory_bytes: float | None = None  # None: the model's GPU (an H100's 80 GB, or its own)
     pcie_bytes_per_s: float | None = None  # None: the profile's
     disk_bytes_per_s: float | None = None  # the disk's read figure; None: the profile's
 

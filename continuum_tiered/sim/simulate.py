@@ -51,7 +51,8 @@ def _model_dir(deployment: Deployment) -> Path:
 
 
 def unlimited_blocks(deployment: Deployment, programs: list[TraceProgram]) -> int:
-    """Enough blocks for every program's final context at once, plus margin."""
+    """Enough blocks for every program's final context at once, plus margin (blocks of
+    the full layout: with the hybrid KV cache manager, vLLM's groups get their bytes)."""
     per_program = (
         (p.turns[-1].prompt_tokens + p.turns[-1].output_tokens) // deployment.block_size + 2
         for p in programs
@@ -120,6 +121,9 @@ def driver_config(
         kv_transfer_config=connector_config(peer, setup, profile),
         async_scheduling=d.async_scheduling,
         log_stats=False,
+        engine_overrides=(
+            {} if peer.hybrid_kv_cache_manager else {"disable_hybrid_kv_cache_manager": True}
+        ),
     )
 
 

@@ -71,7 +71,11 @@ class VirtualEngine:
         self.request_overhead_s = request_overhead_s
         self.replica = replica
         self.busy_s = 0.0  # virtual time spent in steps
-        self.kv_block_seconds = 0.0  # blocks held (by requests or pins) integrated over steps
+        # Blocks held (by requests or pins) integrated over steps, in blocks of the full
+        # layout (every layer's KV): with the hybrid KV cache manager the pool's blocks
+        # hold one group's layers each, so they are scaled by the bytes they hold.
+        self.kv_block_seconds = 0.0
+        self._full_blocks_per_block = driver.cfg.num_blocks / driver.block_pool.num_gpu_blocks
         self._idle_steps = 0
         self._by_request: dict[str, ProgramRun] = {}
         self._requests: dict[str, Request] = {}
@@ -176,7 +180,7 @@ class VirtualEngine:
         pool = self.driver.block_pool
         held = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # less the null block
         self.busy_s += seconds
-        self.kv_block_seconds += held * seconds
+        self.kv_block_seconds += held * self._full_blocks_per_block * seconds
         self.now += seconds
         finished.extend(self._turn_finished(rid) for rid in self._feed_back(step))
 
