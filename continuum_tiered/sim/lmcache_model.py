@@ -76,6 +76,12 @@ class SimLMCacheConnector(SchedulerOnlyConnector):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ):
         super().__init__(vllm_config, role, kv_cache_config)
+        if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
+            # LMCache's connector stores every layer's KV per chunk: one KV cache group.
+            raise ValueError(
+                "LMCache does not support vLLM's hybrid KV cache manager: run with "
+                "disable_hybrid_kv_cache_manager (the replay's LMCache peers do)"
+            )
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config
         self.block_size = vllm_config.cache_config.block_size
         self.block_bytes = self.block_size * int(extra["kv_bytes_per_token"])

@@ -4,6 +4,16 @@ A setting is one trace on one deployment at three loads: light, where ``vllm`` s
 saturate, and twice that. The loads come from a sweep of ``vllm`` alone (seed 0, the
 setting's programs; see ``experiments/beyond_continuum.py``).
 
+The Gemma 3 12B and GLM-4.5 settings were swept on their first 30 SWE-bench programs
+(``vllm`` alone, seed 0, their roofline profiles; loads 0.05, 0.1, 0.2, 0.3, 0.45, 0.6,
+stopping at the first whose average JCT reached 1.5x the 0.05 one):
+
+- ``swebench-gemma-12b``: 138 s at 0.05, 164 s at 0.1, 202 s at 0.2, 230 s at 0.3 (1.66x).
+- ``swebench-glm-355b``: 251 s at 0.05, then 261, 267, 269, 271 and 271 s up to 0.6
+  (1.08x): with 30 programs ``vllm`` does not saturate (the 30 programs' final contexts
+  about fill the 679k-token pool, and a step is short), so its middle load is the heaviest
+  swept, not a saturation point; a sweep with more programs is still to be run.
+
 A hardware variant changes one thing of the H100 deployment: the CPU tier's size, the
 disk's or the PCIe link's bandwidth (every figure of that tier scaled by the same factor,
 so write and read-under-write keep their measured ratios to the read figure), or the GPU
@@ -40,6 +50,8 @@ SETTINGS = {
         Setting("bfcl-8b", "bfcl", "llama-3.1-8b", 400, (2.0, 3.5, 7.0)),
         Setting("swebench-70b", "swebench", "llama-3.1-70b-tp4", 100, (0.05, 0.1, 0.2)),
         Setting("bfcl-70b", "bfcl", "llama-3.1-70b-tp4", 400, (1.0, 1.5, 3.0)),
+        Setting("swebench-gemma-12b", "swebench", "gemma-3-12b", 30, (0.05, 0.3, 0.6)),
+        Setting("swebench-glm-355b", "swebench", "glm-4.5-355b-ep8", 30, (0.05, 0.6, 1.2)),
     )
 }
 
