@@ -14,6 +14,15 @@ stopping at the first whose average JCT reached 1.5x the 0.05 one):
   about fill the 679k-token pool, and a step is short), so its middle load is the heaviest
   swept, not a saturation point; a sweep with more programs is still to be run.
 
+The new workloads on Llama-3.1-8B were swept on 50 programs (``vllm`` alone, seed 0, loads
+0.05, 0.1, 0.15, 0.2, 0.3, 0.45):
+
+- ``openhands-8b``: 88 s at 0.05, 112 s at 0.1, 135 s at 0.15 (1.53x).
+- ``claude-code-8b`` and ``codex-8b``: 844 s at 0.05 and 870 s at 0.45 for Claude Code
+  (1.03x): the programs spend most of their time in tool calls of seconds to minutes and in
+  human waits, so ``vllm`` never queues (0.001 s per turn at 0.45); the middle load is the
+  heaviest swept, not a saturation point, and the grid runs 30 programs of each.
+
 A hardware variant changes one thing of the H100 deployment: the CPU tier's size, the
 disk's or the PCIe link's bandwidth (every figure of that tier scaled by the same factor,
 so write and read-under-write keep their measured ratios to the read figure), or the GPU
@@ -52,6 +61,9 @@ SETTINGS = {
         Setting("bfcl-70b", "bfcl", "llama-3.1-70b-tp4", 400, (1.0, 1.5, 3.0)),
         Setting("swebench-gemma-12b", "swebench", "gemma-3-12b", 30, (0.05, 0.3, 0.6)),
         Setting("swebench-glm-355b", "swebench", "glm-4.5-355b-ep8", 30, (0.05, 0.6, 1.2)),
+        Setting("openhands-8b", "openhands", "llama-3.1-8b", 50, (0.05, 0.15, 0.3)),
+        Setting("claude-code-8b", "claude-code", "llama-3.1-8b", 30, (0.1, 0.45, 0.9)),
+        Setting("codex-8b", "codex", "llama-3.1-8b", 30, (0.1, 0.45, 0.9)),
     )
 }
 
