@@ -9,10 +9,9 @@ The Gemma 3 12B and GLM-4.5 settings were swept on their first 30 SWE-bench prog
 stopping at the first whose average JCT reached 1.5x the 0.05 one):
 
 - ``swebench-gemma-12b``: 138 s at 0.05, 164 s at 0.1, 202 s at 0.2, 230 s at 0.3 (1.66x).
-- ``swebench-glm-355b``: 251 s at 0.05, then 261, 267, 269, 271 and 271 s up to 0.6
-  (1.08x): with 30 programs ``vllm`` does not saturate (the 30 programs' final contexts
-  about fill the 679k-token pool, and a step is short), so its middle load is the heaviest
-  swept, not a saturation point; a sweep with more programs is still to be run.
+- ``swebench-glm-355b``: with 30 programs ``vllm`` does not saturate (251 s at 0.05, 271 s
+  at 0.6: their final contexts about fill the 679k-token pool, and a step is short); on 100
+  programs (loads 0.1, 0.2, 0.4, 0.8): 277 s at 0.1, 363 s at 0.2, 1,066 s at 0.4 (3.9x).
 
 The new workloads on Llama-3.1-8B were swept on 50 programs (``vllm`` alone, seed 0, loads
 0.05, 0.1, 0.15, 0.2, 0.3, 0.45):
@@ -60,7 +59,7 @@ SETTINGS = {
         Setting("swebench-70b", "swebench", "llama-3.1-70b-tp4", 100, (0.05, 0.1, 0.2)),
         Setting("bfcl-70b", "bfcl", "llama-3.1-70b-tp4", 400, (1.0, 1.5, 3.0)),
         Setting("swebench-gemma-12b", "swebench", "gemma-3-12b", 30, (0.05, 0.3, 0.6)),
-        Setting("swebench-glm-355b", "swebench", "glm-4.5-355b-ep8", 30, (0.05, 0.6, 1.2)),
+        Setting("swebench-glm-355b", "swebench", "glm-4.5-355b-ep8", 100, (0.1, 0.4, 0.8)),
         Setting("openhands-8b", "openhands", "llama-3.1-8b", 50, (0.05, 0.15, 0.3)),
         Setting("claude-code-8b", "claude-code", "llama-3.1-8b", 30, (0.1, 0.45, 0.9)),
         Setting("codex-8b", "codex", "llama-3.1-8b", 30, (0.1, 0.45, 0.9)),
