@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,19 +101,27 @@ def program_from_json(data: object, where: str = "program") -> TraceProgram:
     return TraceProgram(pid, tuple(turns), float(arrival))
 
 
+def json_lines(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Each non-blank line of a JSONL file, parsed, with where it is (``PATH line N``) for
+    error messages; a line that is not JSON raises :class:`TraceError` naming it."""
+    try:
+        with Path(path).open() as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    data = json.loads(line)
+                except ValueError as err:
+                    raise TraceError(f"{where}: not JSON ({err})") from err
+                yield where, data
+    except OSError as err:
+        raise TraceError(f"{path}: not readable ({err})") from err
+
+
 def read_trace(path: str | Path) -> list[TraceProgram]:
     """Read a JSONL trace; errors name the file, line and field."""
-    programs = []
-    with Path(path).open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                data = json.loads(line)
-            except ValueError as err:
-                raise TraceError(f"{where}: not JSON ({err})") from err
-            programs.append(program_from_json(data, where))
+    programs = [program_from_json(data, where) for where, data in json_lines(path)]
     if not programs:
         raise TraceError(f"{path}: no programs")
     return programs

@@ -56,7 +56,7 @@ from pathlib import Path
 
 from continuum_tiered.core.hints import TOOL_RE, tool_from_reply
 from continuum_tiered.traces.build import BuildOptions, Call, build_program, data_path
-from continuum_tiered.traces.model import TraceError, TraceProgram
+from continuum_tiered.traces.model import TraceError, TraceProgram, json_lines
 
 EMBEDDED_PROGRAMS = "openhands_sonnet35_50.jsonl"
 # The longest an LLM call is assumed to take when looking for its step line.
@@ -229,20 +229,9 @@ def load_openhands(
     path = Path(path or data_path(EMBEDDED_PROGRAMS))
     options = options or BuildOptions()
     programs: list[TraceProgram] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise TraceError(f"{path}: not readable ({err})") from err
-    for number, line in enumerate(lines, start=1):
+    for where, record in json_lines(path):
         if limit is not None and len(programs) >= limit:
             break
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise TraceError(f"{where}: not JSON ({err})") from err
         program_id, calls = _compact_record(record, where)
         turns = [Call(c.prompt_tokens, c.completion_tokens, c.tool) for c in calls]
         durations = RecordedDurations(c.tool_duration_s for c in calls)
