@@ -168,7 +168,7 @@ def test_serve_prints_what_the_hybrid_manager_saves(tmp_path: Path, capsys) -> N
     assert (on, off) == (32 + 3 * 3, 4 * 32)
     args = ["serve", str(model), "--max-model-len", "1000", "--block-size", "32", "--dry-run"]
     assert main([*args, "--tiers", "cpu=1GB"]) == 0
-    assert "hybrid KV cache manager: off" in capsys.readouterr().out
+    assert "warning: hybrid KV cache manager: off" in capsys.readouterr().err
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "hybrid KV cache manager: on (3 of 4 layers" in out

@@ -359,9 +359,11 @@ def hybrid_kv_note(options: ServeOptions) -> str | None:
     request = f"a {tokens:,}-token request holds"
     if options.tiers is not None:
         return (
-            f"hybrid KV cache manager: off, as LMCache's connector needs ({shape}, but keep "
-            f"full-length KV): {request} {_gib(off)} of KV instead of {_gib(on)} "
-            f"({off / on:.1f}x); without --tiers it stays on"
+            f"warning: hybrid KV cache manager: off, as LMCache's connector needs ({shape}, "
+            f"but keep full-length KV): {request} {_gib(off)} of KV instead of {_gib(on)} "
+            f"({off / on:.1f}x). On Gemma 3 12B that lost more than the tiers won back in "
+            "every replay (docs/experiments.md, 'New models and workloads'): without --tiers "
+            "the manager stays on"
         )
     return (
         f"hybrid KV cache manager: on ({shape}; pins hold each layer group's blocks, a "
@@ -405,7 +407,7 @@ def run_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
     runs = [f"{k}={v}" for k, v in env.items()] + command
     print(policy_line)
     if (note := hybrid_kv_note(options)) is not None:
-        print(note)
+        print(note, file=sys.stderr if note.startswith("warning:") else sys.stdout)
     if options.program_identity == "conversation" and _api_servers(passthrough) > 1:
         print(
             "warning: each API server process keeps its own conversations, so an agent's "
