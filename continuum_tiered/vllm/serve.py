@@ -256,15 +256,16 @@ def parse_policy_options(items: list[str]) -> dict[str, object]:
     return options
 
 
-def model_hf_config(model: str) -> dict[str, Any] | None:
+def model_hf_config(model: str, local_only: bool = False) -> dict[str, Any] | None:
     """The ``config.json`` of ``model``: its folder's, else the Hugging Face hub's (which
-    vLLM fetches too); None when neither can be read."""
+    vLLM fetches too; with ``local_only``, only a copy already in the hub's cache); None
+    when neither can be read."""
     path = Path(model, "config.json")
     if not path.is_file():
         from huggingface_hub import hf_hub_download
 
         try:
-            path = Path(hf_hub_download(model, "config.json"))
+            path = Path(hf_hub_download(model, "config.json", local_files_only=local_only))
         except (OSError, ValueError):  # offline, no such repository, not a repository id
             return None
     return json.loads(path.read_text())
@@ -339,7 +340,8 @@ def hybrid_kv_note(options: ServeOptions) -> str | None:
     figures; None for a model without both sliding-window and full-attention layers (or
     whose config cannot be read). ``--tiers`` turns the manager off: LMCache's connector
     does not support it, so the sliding-window layers keep full-length KV."""
-    hf_config = model_hf_config(options.model)
+    # Never the network: a note is not worth a stalled start on a machine without one.
+    hf_config = model_hf_config(options.model, local_only=True)
     layout = sliding_window_layout(hf_config) if hf_config is not None else None
     if hf_config is None or layout is None:
         return None
