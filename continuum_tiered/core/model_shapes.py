@@ -231,8 +231,12 @@ class SlidingWindowLayout:
     keeps only the window's KV for those, and full-length KV for the others."""
 
     num_layers: int
-    sliding_layers: int
+    sliding: frozenset[int]  # the indices of the sliding-window layers
     window: int
+
+    @property
+    def sliding_layers(self) -> int:
+        return len(self.sliding)
 
     def kv_bytes(
         self, tokens: int, bytes_per_token_layer: int, block_size: int, hybrid: bool
@@ -262,13 +266,14 @@ def sliding_window_layout(config: Mapping[str, object]) -> SlidingWindowLayout |
         return None
     layer_types = text.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == num_layers:
-        sliding = sum(1 for t in layer_types if t == "sliding_attention")
+        kinds = enumerate(layer_types)
+        sliding = frozenset(i for i, kind in kinds if kind == "sliding_attention")
     elif (pattern := _first(text, ("sliding_window_pattern",))) is not None:
-        sliding = num_layers - num_layers // pattern
+        sliding = frozenset(i for i in range(num_layers) if (i + 1) % pattern != 0)
     elif text.get("model_type") == "gemma2":
-        sliding = (num_layers + 1) // 2
+        sliding = frozenset(range(0, num_layers, 2))  # even layers slide
     else:
         return None
-    if sliding in (0, num_layers):
+    if len(sliding) in (0, num_layers):
         return None
     return SlidingWindowLayout(num_layers, sliding, window)

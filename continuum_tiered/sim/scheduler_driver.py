@@ -48,7 +48,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from continuum_tiered.core.model_shapes import attention_dims, sliding_window_layout, text_config
+from continuum_tiered.core.model_shapes import attention_dims, sliding_window_layout
 from continuum_tiered.vllm.plugin import register
 
 
@@ -91,27 +91,10 @@ def build_vllm_config(cfg: DriverConfig) -> VllmConfig:
     return args.create_engine_config()
 
 
-def _sliding_layers(hf: dict, num_layers: int) -> set[int]:
-    """The indices of the layers that attend over a sliding window (none for a model that
-    does not mix them with full-attention layers)."""
-    layout = sliding_window_layout(hf)
-    if layout is None:
-        return set()
-    text = text_config(hf)
-    layer_types = text.get("layer_types")
-    if isinstance(layer_types, list) and len(layer_types) == num_layers:
-        return {i for i, kind in enumerate(layer_types) if kind == "sliding_attention"}
-    pattern = text.get("sliding_window_pattern")
-    if isinstance(pattern, int) and pattern > 0:  # Gemma 3: every pattern-th layer is full
-        return {i for i in range(num_layers) if (i + 1) % pattern != 0}
-    return {i for i in range(num_layers) if i % 2 == 0}  # Gemma 2: even layers slide
-
-
 def layer_kv_specs(hf: dict, block_size: int) -> dict[str, KVCacheSpec]:
     """Each attention layer's KV cache spec, as the model runner would report them."""
     dims = attention_dims(hf)
-    sliding = _sliding_layers(hf, dims.num_layers)
-    window = text_config(hf).get("sliding_window")
+    layout = sliding_window_layout(hf)
     specs: dict[str, KVCacheSpec] = {}
     for i in range(dims.num_layers):
         common = dict(
@@ -121,8 +104,8 @@ def layer_kv_specs(hf: dict, block_size: int) -> dict[str, KVCacheSpec]:
             dtype=torch.bfloat16,
         )
         name = f"model.layers.{i}.self_attn.attn"
-        if i in sliding:
-            specs[name] = SlidingWindowSpec(**common, sliding_window=int(window))
+        if layout is not None and i in layout.sliding:
+            specs[name] = SlidingWindowSpec(**common, sliding_window=layout.window)
         else:
             specs[name] = FullAttentionSpec(**common)
     return specs
